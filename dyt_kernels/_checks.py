@@ -1,0 +1,65 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def shape_str(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_input(name: str, x: object, min_dim: int = 1) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {shape_str(x)}")
+    return x
+
+
+def as_alpha(alpha: object, x: Tensor, channels: int) -> Tensor:
+    """alpha as a 1-D tensor of 1 (shared) or `channels` (per-channel) elements."""
+    if isinstance(alpha, (int, float)):
+        return torch.full((1,), float(alpha), device=x.device, dtype=torch.float32)
+    if not isinstance(alpha, Tensor):
+        raise TypeError(f"alpha must be a float or a torch.Tensor, got {type(alpha).__name__}")
+    if alpha.numel() != 1 and tuple(alpha.shape) != (channels,):
+        raise ValueError(
+            f"alpha must have 1 element (scalar) or shape ({channels},) (per channel), got {shape_str(alpha)}"
+        )
+    return check_param("alpha", alpha, x, alpha.numel())
+
+
+def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor | None:
+    if p is None:
+        return None
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+    if p.numel() != channels:
+        raise ValueError(f"{name} must have shape ({channels},), got {shape_str(p)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}; move them to one device")
+    return p.reshape(-1) if p.dim() != 1 else p
+
+
+def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
+    """shift / scale / gate: (B, D), (B, 1, D) or (B, L, D) for x of shape (B, L, D)."""
+    if m is None:
+        return None
+    B, L, D = x.shape
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    if tuple(m.shape) not in ((B, D), (B, 1, D), (B, L, D)):
+        raise ValueError(f"{name} must be (B, D), (B, 1, D) or (B, L, D) with B={B}, L={L}, D={D}, "
+                         f"got {shape_str(m)}")
+    if m.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
+    if m.device != x.device:
+        raise ValueError(f"{name} is on {m.device} but x is on {x.device}; move them to one device")
+    return m

@@ -1,0 +1,86 @@
+"""Backend choice: Triton kernels or plain PyTorch (reference.py).
+
+"auto"   Triton for CUDA tensors, PyTorch for everything else (the default).
+"triton" Triton always; CPU tensors are accepted only under TRITON_INTERPRET=1, which is how the
+         test suite runs the kernels on machines without a GPU.
+"torch"  plain PyTorch everywhere (a parity baseline, or a way around a suspected kernel bug).
+
+The default comes from the environment variable DYT_KERNELS_BACKEND; `use_backend` overrides it for
+a block. Under torch.compile the choice is read when the graph is traced.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("dyt_backend", default=None)
+
+
+def _check_name(name: object, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
+    return name  # type: ignore[return-value]
+
+
+def get_backend() -> str:
+    """The backend in force: use_backend's if inside one, else DYT_KERNELS_BACKEND, else "auto"."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("DYT_KERNELS_BACKEND", "auto"), "DYT_KERNELS_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with the given backend.
+
+    >>> import torch, dyt_kernels
+    >>> with dyt_kernels.use_backend("torch"):
+    ...     y = dyt_kernels.dyt(torch.randn(2, 8), torch.tensor([0.5]))
+    """
+    token = _override.set(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(t, FunctionalTensor):
+        t = torch._from_functional_tensor(t.elem)
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on tensor x runs the Triton kernels (True) or the PyTorch reference (False)."""
+    name = get_backend()
+    if name == "torch" or x.dtype == torch.float64:
+        # float64 is the oracle's dtype: the kernels compute in fp32, so fp64 stays in PyTorch.
+        return False
+    if x.device.type == "cuda":
+        return True
+    if name == "triton":
+        if x.device.type == "cpu" and interpreter_active():
+            # Tracing under the interpreter sees fake tensors, which no kernel can read.
+            return not _is_fake(x)
+        if x.device.type == "meta" or (x.device.type == "cpu" and _is_fake(x)):
+            return False
+        raise RuntimeError(
+            f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"dyt_kernels is imported; got a tensor on {x.device}"
+        )
+    return False

@@ -1,0 +1,94 @@
+"""The public functional ops: argument checks, then the registered torch.library ops."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._checks import as_alpha, check_input, check_modulation, check_param, shape_str
+from .ops import dyt as _dyt_ops  # noqa: F401  (registers dyt_kernels::dyt_fwd / dyt_bwd)
+from .ops import modulate as _modulate_ops  # noqa: F401  (registers dyt_kernels::dyt_modulate_*)
+
+
+def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Tensor | None = None, *,
+        channels_last: bool = True) -> Tensor:
+    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias`` over the channel dim.
+
+    The channel dim is the last one (``channels_last=True``) or dim 1 of an (N, C, ...) tensor.
+    alpha has 1 element or one per channel; weight and bias are (C,) or None. Differentiable in x,
+    alpha, weight and bias. Triton kernels on CUDA, plain PyTorch on CPU (see ``use_backend``).
+
+    >>> import torch
+    >>> from dyt_kernels import dyt
+    >>> x = torch.randn(4, 16, 384)
+    >>> y = dyt(x, torch.tensor([0.5]), torch.ones(384), torch.zeros(384))
+    >>> y.shape
+    torch.Size([4, 16, 384])
+    """
+    check_input("x", x, min_dim=1 if channels_last else 2)
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    alpha = as_alpha(alpha, x, channels)
+    weight = check_param("weight", weight, x, channels)
+    bias = check_param("bias", bias, x, channels)
+    return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
+
+
+def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
+    check_input("x", x, min_dim=3)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, L, D), got {shape_str(x)}")
+    D = x.shape[2]
+    shift, scale = check_modulation("shift", shift, x), check_modulation("scale", scale, x)
+    if shift is None or scale is None:
+        raise TypeError("shift and scale are required tensors; pass zeros to disable one")
+    if residual is not None:
+        check_input("residual", residual)
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ValueError(f"residual must match x: shape {shape_str(x)} on {x.device}, "
+                             f"got {shape_str(residual)} on {residual.device}")
+    elif gate is not None:
+        raise ValueError("gate scales x before the residual add, so it needs residual; got residual=None")
+    gate = check_modulation("gate", gate, x)
+    return shift, scale, check_param("weight", weight, x, D), check_param("bias", bias, x, D), gate
+
+
+def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+                 bias: Tensor | None = None, *, residual: Tensor | None = None, gate: Tensor | None = None):
+    """adaLN-modulated DyT, the norm + modulate (+ gated residual) of a DiT/PixArt-alpha/FLUX block, fused.
+
+    x is (B, L, D); shift, scale and gate are (B, D) or (B, 1, D) (one per sample, broadcast over
+    the L tokens) or (B, L, D) (one per token); weight/bias are (D,) or None::
+
+        r = residual + gate * x          (only when residual is given; gate optional)
+        h = (weight * tanh(alpha * r) + bias) * (1 + scale) + shift
+
+    Returns h, or (h, r) when residual is given. Differentiable in every tensor argument.
+
+    >>> import torch
+    >>> from dyt_kernels import dyt_modulate
+    >>> x, res = torch.randn(2, 16, 384), torch.randn(2, 16, 384)
+    >>> shift, scale, gate = torch.randn(3, 2, 384).unbind(0)
+    >>> h, r = dyt_modulate(x, torch.tensor([0.5]), shift, scale, residual=res, gate=gate)
+    >>> h.shape, r.shape
+    (torch.Size([2, 16, 384]), torch.Size([2, 16, 384]))
+    """
+    shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+    alpha = as_alpha(alpha, x, x.shape[2])
+    h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(x, alpha, shift, scale, weight, bias, residual, gate)
+    return h if residual is None else (h, r)
+
+
+def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+                       bias: Tensor | None = None, *, residual: Tensor | None = None, gate: Tensor | None = None,
+                       eps: float = 1e-6):
+    """dyt_modulate's LayerNorm twin (plain PyTorch; eps 1e-6, no affine unless given), same arguments
+    but no alpha, so a model switches norms with one flag.
+
+    >>> import torch
+    >>> from dyt_kernels import layernorm_modulate
+    >>> x = torch.randn(2, 16, 384)
+    >>> layernorm_modulate(x, torch.zeros(2, 384), torch.zeros(2, 384)).shape
+    torch.Size([2, 16, 384])
+    """
+    shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+    return reference.layernorm_modulate(x, shift, scale, weight, bias, residual=residual, gate=gate, eps=eps)

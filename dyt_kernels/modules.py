@@ -1,0 +1,126 @@
+"""nn.Modules over the functional ops: DyT (a drop-in for nn.LayerNorm) and, later, ModulatedDyT."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .functional import dyt, dyt_modulate
+
+
+def _shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    shape = tuple(int(s) for s in normalized_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    return shape
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh, ``weight * tanh(alpha * x) + bias``: replaces ``nn.LayerNorm`` one word for one.
+
+    Takes every argument nn.LayerNorm takes. DyT has no epsilon: ``eps`` is accepted and ignored,
+    and the ``eps`` attribute reads NaN, so code that would apply LayerNorm math to a module with
+    ``.eps`` (PyTorch's fused TransformerEncoderLayer inference path, which requires
+    ``norm1.eps == norm2.eps``) never mistakes a DyT for a LayerNorm.
+
+    Args beyond LayerNorm's: ``alpha_init_value`` (0.5 in the paper), ``alpha_per_channel`` (one
+    alpha per element of normalized_shape instead of one shared scalar) and ``channels_last``
+    (False: normalize dim 1 of an (N, C, ...) tensor, as in ConvNeXt; normalized_shape is then C).
+
+    >>> import torch
+    >>> from dyt_kernels import DyT
+    >>> norm = DyT(384)                  # was nn.LayerNorm(384)
+    >>> norm(torch.randn(2, 16, 384)).shape
+    torch.Size([2, 16, 384])
+    """
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
+                 alpha_init_value: float = 0.5, alpha_per_channel: bool = False,
+                 channels_last: bool = True) -> None:
+        super().__init__()
+        self.normalized_shape = _shape_tuple(normalized_shape)
+        if not channels_last and len(self.normalized_shape) != 1:
+            raise ValueError(f"channels_last=False normalizes one dim (C); normalized_shape must be an int, "
+                             f"got {normalized_shape!r}")
+        self.eps = math.nan
+        self.elementwise_affine = elementwise_affine
+        self.alpha_init_value = float(alpha_init_value)
+        self.alpha_per_channel = alpha_per_channel
+        self.channels_last = channels_last
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(self.normalized_shape if alpha_per_channel else (1,), **factory))
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init_value)
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.channels_last:
+            return dyt(x, self.alpha.reshape(-1), self.weight, self.bias, channels_last=False)
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != self.normalized_shape:
+            raise ValueError(f"x must end in normalized_shape={self.normalized_shape}, got shape {tuple(x.shape)}")
+        if k == 1:
+            return dyt(x, self.alpha, self.weight, self.bias)
+        # Several normalized dims: DyT is elementwise, so flatten them into one channel dim.
+        flat = lambda p: None if p is None else p.reshape(-1)  # noqa: E731
+        y = dyt(x.reshape(*x.shape[: x.dim() - k], -1), self.alpha.reshape(-1), flat(self.weight), flat(self.bias))
+        return y.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, alpha_init_value={self.alpha_init_value}, "
+                f"alpha_per_channel={self.alpha_per_channel}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}, channels_last={self.channels_last}")
+
+
+class ModulatedDyT(nn.Module):
+    """DyT followed by adaLN modulation, optionally with the block's gated residual add fused in.
+
+    ``forward(x, shift, scale, residual=None, gate=None)`` returns ``h`` or ``(h, r)``; see
+    ``dyt_modulate``. PixArt-alpha and FLUX use no affine (elementwise_affine=False).
+
+    >>> import torch
+    >>> from dyt_kernels import ModulatedDyT
+    >>> norm = ModulatedDyT(384)
+    >>> x, shift, scale = torch.randn(2, 16, 384), torch.zeros(2, 384), torch.zeros(2, 384)
+    >>> norm(x, shift, scale).shape
+    torch.Size([2, 16, 384])
+    """
+
+    def __init__(self, hidden_size: int, *, elementwise_affine: bool = False, alpha_init_value: float = 0.5,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.alpha_init_value = float(alpha_init_value)
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init_value, **factory))
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(hidden_size, **factory))
+            self.bias = nn.Parameter(torch.zeros(hidden_size, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Tensor | None = None,
+                gate: Tensor | None = None):
+        return dyt_modulate(x, self.alpha, shift, scale, self.weight, self.bias, residual=residual, gate=gate)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size}, alpha_init_value={self.alpha_init_value}, "
+                f"elementwise_affine={self.weight is not None}")

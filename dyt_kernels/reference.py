@@ -1,0 +1,154 @@
+"""Plain-PyTorch DyT: the CPU backend and the tests' oracle.
+
+Everything computes in fp32 (float64 when given float64, which is how the tests build the oracle)
+and returns each result in its input's dtype. The backward functions write out the VJPs of
+DESIGN.md explicitly, so the kernels and these functions implement the same formulas; gradcheck on
+`dyt`'s autograd path proves the formulas themselves.
+
+    forward   t = tanh(a*x)        y = w*t + b
+    backward  g = dy*w*(1 - t^2)   dx = a*g   dw = sum dy*t   db = sum dy   da = sum g*x
+
+adaLN-modulated DyT (x: (B, L, D); shift/scale/gate: (B, D), (B, 1, D) or (B, L, D)):
+
+    r = residual + gate*x          (only with a residual; gate optional)
+    n = w*tanh(a*r) + b            h = n*(1 + scale) + shift
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _up(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def channel_view(p: Tensor, x: Tensor, channels_last: bool) -> Tensor:
+    """A per-channel vector shaped to broadcast against x (channel = last dim, or dim 1)."""
+    if channels_last or p.numel() == 1:
+        return p.reshape(-1) if p.numel() != 1 else p.reshape(())
+    return p.reshape(-1, *([1] * (x.dim() - 2)))
+
+
+def channel_sum(t: Tensor, channels_last: bool) -> Tensor:
+    """Sum over every dim but the channel dim."""
+    if not channels_last:
+        t = t.movedim(1, -1)
+    return t.reshape(-1, t.shape[-1]).sum(0)
+
+
+def _alpha_grad(g: Tensor, alpha: Tensor, channels_last: bool) -> Tensor:
+    if alpha.numel() == 1:
+        return g.sum().reshape(alpha.shape)
+    return channel_sum(g, channels_last).reshape(alpha.shape)
+
+
+def dyt(x: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+        channels_last: bool = True) -> Tensor:
+    """y = weight * tanh(alpha * x) + bias, in fp32 (fp64 for fp64 input), returned in x.dtype."""
+    ct = compute_dtype(x.dtype)
+    y = torch.tanh(channel_view(alpha.to(ct), x, channels_last) * x.to(ct))
+    if weight is not None:
+        y = y * channel_view(weight.to(ct), x, channels_last)
+    if bias is not None:
+        y = y + channel_view(bias.to(ct), x, channels_last)
+    return y.to(x.dtype)
+
+
+def dyt_backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 channels_last: bool = True):
+    """Returns (dx, dalpha, dweight, dbias); dweight/dbias are None when weight/bias are."""
+    ct = compute_dtype(x.dtype)
+    xc, dyc = x.to(ct), dy.to(ct)
+    a = channel_view(alpha.to(ct), x, channels_last)
+    t = torch.tanh(a * xc)
+    g = dyc * (1 - t * t)
+    if weight is not None:
+        g = g * channel_view(weight.to(ct), x, channels_last)
+    dx = (a * g).to(x.dtype)
+    dalpha = _alpha_grad(g * xc, alpha, channels_last).to(alpha.dtype)
+    dweight = None if weight is None else channel_sum(dyc * t, channels_last).to(weight.dtype)
+    dbias = None if bias is None else channel_sum(dyc, channels_last).to(bias.dtype)
+    return dx, dalpha, dweight, dbias
+
+
+def as_modulation(m: Tensor, B: int, D: int) -> Tensor:
+    """(B, D) or (B, 1, D) -> (B, 1, D); (B, L, D) unchanged."""
+    return m.reshape(B, 1, D) if m.dim() == 2 else m
+
+
+def _per_sample(g: Tensor, like: Tensor) -> Tensor:
+    """Reduce a (B, L, D) gradient to a modulation tensor's shape (sum over L when it broadcasts)."""
+    if like.dim() == 3 and like.shape[1] == g.shape[1] and g.shape[1] != 1:
+        return g.to(like.dtype)
+    return g.sum(1).reshape(like.shape).to(like.dtype)
+
+
+def dyt_modulate(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+                 bias: Tensor | None = None, residual: Tensor | None = None, gate: Tensor | None = None):
+    """h = dyt(r) * (1 + scale) + shift with r = residual + gate * x; returns h, or (h, r) with a residual."""
+    B, _, D = x.shape
+    ct = compute_dtype(x.dtype)
+    r = x.to(ct)
+    if residual is not None:
+        if gate is not None:
+            r = r * as_modulation(gate, B, D).to(ct)
+        r = residual.to(ct) + r
+    n = dyt(r, alpha.to(ct), _up(weight, ct), _up(bias, ct))
+    h = n * (1 + as_modulation(scale, B, D).to(ct)) + as_modulation(shift, B, D).to(ct)
+    if residual is None:
+        return h.to(x.dtype)
+    return h.to(x.dtype), r.to(residual.dtype)
+
+
+def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
+                          shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+                          has_residual: bool, gate: Tensor | None):
+    """VJP of dyt_modulate. r is the norm's input (x itself without a residual).
+
+    Returns (dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha); entries for absent
+    inputs are None.
+    """
+    B, _, D = x.shape
+    ct = compute_dtype(x.dtype)
+    dhc, rc = dh.to(ct), r.to(ct)
+    a = alpha.to(ct).reshape(-1) if alpha.numel() > 1 else alpha.to(ct).reshape(())
+    t = torch.tanh(a * rc)
+    n = t if weight is None else t * weight.to(ct)
+    if bias is not None:
+        n = n + bias.to(ct)
+    dn = dhc * (1 + as_modulation(scale, B, D).to(ct))
+    dshift = _per_sample(dhc, shift)
+    dscale = _per_sample(dhc * n, scale)
+    dt = dn if weight is None else dn * weight.to(ct)
+    dz = dt * (1 - t * t)
+    dalpha = _alpha_grad(dz * rc, alpha, True).to(alpha.dtype)
+    dweight = None if weight is None else channel_sum(dn * t, True).to(weight.dtype)
+    dbias = None if bias is None else channel_sum(dn, True).to(bias.dtype)
+    drc = a * dz
+    if not has_residual:
+        return drc.to(x.dtype), None, None, dshift, dscale, dweight, dbias, dalpha
+    if dr is not None:
+        drc = drc + dr.to(ct)
+    dx, dgate = drc, None
+    if gate is not None:
+        dx = drc * as_modulation(gate, B, D).to(ct)
+        dgate = _per_sample(drc * x.to(ct), gate)
+    return dx.to(x.dtype), drc.to(r.dtype), dgate, dshift, dscale, dweight, dbias, dalpha
+
+
+def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+                       bias: Tensor | None = None, *, residual: Tensor | None = None,
+                       gate: Tensor | None = None, eps: float = 1e-6):
+    """The LayerNorm twin of dyt_modulate, in plain PyTorch autograd (models switch norms with it)."""
+    B, _, D = x.shape
+    r = x
+    if residual is not None:
+        r = residual + (x if gate is None else as_modulation(gate, B, D) * x)
+    n = torch.nn.functional.layer_norm(r, (D,), weight, bias, eps)
+    h = n * (1 + as_modulation(scale, B, D)) + as_modulation(shift, B, D)
+    return h if residual is None else (h, r)

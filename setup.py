@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dyt_kernels",
+    version="0.1.0",
+    description="Fused Triton kernels for Dynamic Tanh (DyT), a drop-in nn.LayerNorm replacement, "
+                "and compact PixArt-alpha / FLUX diffusion transformers that use them",
+    packages=find_packages(include=["dyt_kernels", "dyt_kernels.*", "models", "models.*", "bench", "bench.*"]),
+    python_requires=">=3.10",
+    # torch brings triton on Linux; the cap matches the newest release these machines serve.
+    install_requires=["torch>=2.6,<=2.14.1", "numpy"],
+    extras_require={
+        "dev": ["pytest>=8", "torchvision<=0.29.1"],
+        "bench": ["matplotlib", "pandas"],
+        "train": ["torchvision<=0.29.1", "tqdm", "matplotlib", "einops", "pyyaml", "mlxtend"],
+    },
+)
