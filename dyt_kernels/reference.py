@@ -81,23 +81,30 @@ def as_modulation(m: Tensor, B: int, D: int) -> Tensor:
     return m.reshape(B, 1, D) if m.dim() == 2 else m
 
 
-def _per_sample(g: Tensor, like: Tensor) -> Tensor:
-    """Reduce a (B, L, D) gradient to a modulation tensor's shape (sum over L when it broadcasts)."""
-    if like.dim() == 3 and like.shape[1] == g.shape[1] and g.shape[1] != 1:
-        return g.to(like.dtype)
-    return g.sum(1).reshape(like.shape).to(like.dtype)
+def per_token(m: Tensor, L: int) -> bool:
+    """Whether a modulation tensor holds one vector per token (B, L, D) rather than per sample."""
+    return m.dim() == 3 and m.shape[1] == L and L != 1
+
+
+def _reduce_like(g: Tensor, m: Tensor) -> Tensor:
+    """A (B, L, D) gradient for modulation tensor m: itself if m is per token, else summed over L -> (B, D)."""
+    return g if per_token(m, g.shape[1]) else g.sum(1)
 
 
 def dyt_modulate(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
                  bias: Tensor | None = None, residual: Tensor | None = None, gate: Tensor | None = None):
-    """h = dyt(r) * (1 + scale) + shift with r = residual + gate * x; returns h, or (h, r) with a residual."""
+    """h = dyt(r) * (1 + scale) + shift with r = residual + gate * x; returns h, or (h, r) with a residual.
+
+    h comes back in x.dtype, r in residual.dtype.
+    """
     B, _, D = x.shape
     ct = compute_dtype(x.dtype)
     r = x.to(ct)
     if residual is not None:
         if gate is not None:
             r = r * as_modulation(gate, B, D).to(ct)
-        r = residual.to(ct) + r
+        # Round r to its storage dtype before the norm, as an unfused block would.
+        r = (residual.to(ct) + r).to(residual.dtype).to(ct)
     n = dyt(r, alpha.to(ct), _up(weight, ct), _up(bias, ct))
     h = n * (1 + as_modulation(scale, B, D).to(ct)) + as_modulation(shift, B, D).to(ct)
     if residual is None:
@@ -105,13 +112,14 @@ def dyt_modulate(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight:
     return h.to(x.dtype), r.to(residual.dtype)
 
 
-def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
-                          shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
-                          has_residual: bool, gate: Tensor | None):
+def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, scale: Tensor,
+                          weight: Tensor | None, bias: Tensor | None, has_residual: bool, gate: Tensor | None,
+                          shift_per_token: bool):
     """VJP of dyt_modulate. r is the norm's input (x itself without a residual).
 
-    Returns (dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha); entries for absent
-    inputs are None.
+    Returns (dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha), None for absent inputs.
+    dshift is fp32 (B, D), or None when shift is per token (its gradient is dh itself). dscale and
+    dgate are (B, D) sums for per-sample tensors, (B, L, D) otherwise, in their tensors' dtypes.
     """
     B, _, D = x.shape
     ct = compute_dtype(x.dtype)
@@ -122,8 +130,8 @@ def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, a
     if bias is not None:
         n = n + bias.to(ct)
     dn = dhc * (1 + as_modulation(scale, B, D).to(ct))
-    dshift = _per_sample(dhc, shift)
-    dscale = _per_sample(dhc * n, scale)
+    dshift = None if shift_per_token else dhc.sum(1)
+    dscale = _reduce_like(dhc * n, scale).to(scale.dtype)
     dt = dn if weight is None else dn * weight.to(ct)
     dz = dt * (1 - t * t)
     dalpha = _alpha_grad(dz * rc, alpha, True).to(alpha.dtype)
@@ -137,7 +145,7 @@ def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, a
     dx, dgate = drc, None
     if gate is not None:
         dx = drc * as_modulation(gate, B, D).to(ct)
-        dgate = _per_sample(drc * x.to(ct), gate)
+        dgate = _reduce_like(drc * x.to(ct), gate).to(gate.dtype)
     return dx.to(x.dtype), drc.to(r.dtype), dgate, dshift, dscale, dweight, dbias, dalpha
 
 

@@ -30,6 +30,17 @@ from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_confi
 
 
 @triton.jit
+def _load_channel(ptr, ch, ch_ok, PER_ROW: tl.constexpr):
+    """A per-channel vector loaded 1-D (so its layout matches the tile's) and shaped to broadcast."""
+    v = tl.load(ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    if PER_ROW:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
 def _dyt_fwd_kernel(
     x_ptr,      # (M, N) input rows, unit column stride
     y_ptr,      # (M, N) output rows
@@ -52,20 +63,20 @@ def _dyt_fwd_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if PARAM_PER_ROW:
-        ch = (rows % C)[:, None]
-        ch_ok = row_ok[:, None]
+        ch = rows % C
+        ch_ok = row_ok
     else:
-        ch = cols[None, :]
-        ch_ok = col_ok[None, :]
+        ch = cols
+        ch_ok = col_ok
     if ALPHA_PER_CHANNEL:
-        a = tl.load(alpha_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        a = _load_channel(alpha_ptr, ch, ch_ok, PARAM_PER_ROW)
     else:
         a = tl.load(alpha_ptr).to(tl.float32)
     y = tanh_f32(a * x, TANH)
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        y = y * _load_channel(w_ptr, ch, ch_ok, PARAM_PER_ROW)
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        y = y + _load_channel(b_ptr, ch, ch_ok, PARAM_PER_ROW)
     tl.store(y_ptr + rows64 * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -92,21 +103,21 @@ def _dyt_bwd_kernel(
         n_row_blocks = tl.cdiv(M, BLOCK_M)
         g = pid // n_row_blocks
         rows = (pid % n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ch = (rows % C)[:, None]
-        ch_ok = (rows < M)[:, None]
+        ch = rows % C
+        ch_ok = rows < M
     else:
         n_col_blocks = tl.cdiv(N, BLOCK_N)
         g = pid // n_col_blocks
         cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
-        ch = cols[None, :]
-        ch_ok = (cols < N)[None, :]
+        ch = cols
+        ch_ok = cols < N
     if ALPHA_PER_CHANNEL:
-        a = tl.load(alpha_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        a = _load_channel(alpha_ptr, ch, ch_ok, PARAM_PER_ROW)
     else:
         a = tl.load(alpha_ptr).to(tl.float32)
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        w = _load_channel(w_ptr, ch, ch_ok, PARAM_PER_ROW)
     acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

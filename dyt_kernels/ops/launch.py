@@ -68,12 +68,13 @@ def tile_config(M: int, N: int, elem_size: int, tile_bytes: int = 16384):
     """(BLOCK_M, BLOCK_N, num_warps) for an M x N problem whose main input has elem_size bytes.
 
     tile_bytes of the main input per program (16 KB forward; less in backward, which keeps several
-    fp32 accumulators live) gives each thread 16-32 elements in 16-byte vectors at 4-8 warps.
+    fp32 accumulators live); one warp per 256 elements, at most 8, so a thread holds 8-32 elements
+    in 16-byte vectors.
     """
     block_n = block_n_for(N)
     elems = max(tile_bytes // elem_size, block_n)
     block_m = max(1, min(elems // block_n, triton.next_power_of_2(max(M, 1))))
-    num_warps = max(1, min(8, (block_m * block_n) // 1024))
+    num_warps = max(1, min(8, (block_m * block_n) // 256))
     return block_m, block_n, num_warps
 
 
