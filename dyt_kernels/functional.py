@@ -34,7 +34,7 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
 
 
 def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
-    check_input("x", x, min_dim=3)
+    check_input("x", x)
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, D), got {shape_str(x)}")
     D = x.shape[2]

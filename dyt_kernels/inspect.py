@@ -118,48 +118,49 @@ def _count(ptx: str, op: str) -> dict:
     return dict(sorted(counts.items()))
 
 
-def _cases(quick: bool):
-    """(case name, dtype, thunk that calls the public ops forward and backward on real-shaped CPU tensors)."""
-    from . import functional as F
+def dyt_case(rows: int, D: int, dtype: torch.dtype, nchw: tuple | None = None):
+    """A thunk running DyT forward + backward on uninitialized CPU tensors of a representative shape."""
+    def run():
+        x = torch.empty(nchw if nchw else (rows, D), dtype=dtype)
+        w = torch.empty(nchw[1] if nchw else D, dtype=torch.float32)
+        a = torch.empty(1, dtype=torch.float32)
+        y = torch.ops.dyt_kernels.dyt_fwd(x, a, w, w, nchw is None)
+        torch.ops.dyt_kernels.dyt_bwd(y, x, a, w, w, nchw is None)
+    return run
 
-    def dyt_case(rows, D, dtype, channels_last=True, affine=True, nchw=None):
-        def run():
-            x = torch.empty(nchw if nchw else (rows, D), dtype=dtype)
-            C = D if channels_last else nchw[1]
-            w = torch.empty(C, dtype=torch.float32) if affine else None
-            a = torch.empty(1, dtype=torch.float32)
-            y = torch.ops.dyt_kernels.dyt_fwd(x, a, w, w, channels_last)
-            torch.ops.dyt_kernels.dyt_bwd(y, x, a, w, w, channels_last)
-        return run
 
-    def mod_case(B, L, D, dtype, residual, gate):
-        def run():
-            x = torch.empty(B, L, D, dtype=dtype)
-            mod = torch.empty(B, D, dtype=dtype)
-            a = torch.empty(1, dtype=torch.float32)
-            res = x if residual else None
-            g = mod if gate else None
-            h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(x, a, mod, mod, None, None, res, g)
-            torch.ops.dyt_kernels.dyt_modulate_bwd(h, h if residual else None, x, r if residual else x, a, mod,
-                                                   None, None, g, residual, False)
-        return run
+def modulate_case(B: int, L: int, D: int, dtype: torch.dtype, residual: bool, gate: bool):
+    """A thunk running dyt_modulate forward + backward (per-sample shift/scale/gate, no affine)."""
+    def run():
+        x = torch.empty(B, L, D, dtype=dtype)
+        mod = torch.empty(B, D, dtype=dtype)
+        a = torch.empty(1, dtype=torch.float32)
+        res, g = (x if residual else None), (mod if gate else None)
+        h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(x, a, mod, mod, None, None, res, g)
+        torch.ops.dyt_kernels.dyt_modulate_bwd(h, h if residual else None, x, r if residual else x, a, mod,
+                                               None, None, g, residual, False)
+    return run
 
-    dtypes = [torch.bfloat16, torch.float32]
+
+def representative_cases(quick: bool = False):
+    """(case name, dtype, thunk): production hidden sizes, bf16 and fp32, every fused variant."""
     sizes = [384, 4096] if quick else [384, 1152, 3072, 4096, 16384, 65536]
-    for dtype in dtypes:
+    variants = ((False, False), (True, True)) if quick else ((False, False), (True, False), (True, True))
+    for dtype in (torch.bfloat16, torch.float32):
         for D in sizes:
             yield f"dyt D={D}", dtype, dyt_case(64, D, dtype)
-        yield "dyt NCHW C=96 56x56", dtype, dyt_case(0, 0, dtype, channels_last=False, nchw=(2, 96, 56, 56))
-        for residual, gate in ((False, False), (True, True)) if quick else ((False, False), (True, False), (True, True)):
-            tag = "+residual" + ("+gate" if gate else "") if residual else ""
+        yield "dyt NCHW C=96 56x56", dtype, dyt_case(0, 0, dtype, nchw=(2, 96, 56, 56))
+        for residual, gate in variants:
+            tag = ("+residual" + ("+gate" if gate else "")) if residual else ""
             for D in ([1152] if quick else [384, 1152, 3072]):
-                yield f"modulate L=256 D={D}{tag}", dtype, mod_case(2, 256, D, dtype, residual, gate)
+                yield f"modulate L=256 D={D}{tag}", dtype, modulate_case(2, 256, D, dtype, residual, gate)
 
 
-def inspect_kernels(quick: bool = False) -> list[Report]:
+def inspect_kernels(quick: bool = False, cases=None) -> list[Report]:
+    """Compile the kernels each case launches; `cases` defaults to representative_cases(quick)."""
     reports, seen = [], set()
     with _recording() as calls:
-        for case, dtype, run in _cases(quick):
+        for case, dtype, run in (representative_cases(quick) if cases is None else cases):
             del calls[:]
             run()
             for kernel, grid, args, kwargs in calls:

@@ -26,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import reference
 from ..backend import use_triton
-from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config
+from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config, tile_coords
 
 
 @triton.jit
@@ -52,11 +52,7 @@ def _dyt_fwd_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
     PARAM_PER_ROW: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_col_blocks = tl.cdiv(N, BLOCK_N)
-    rows = (pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
+    rows, cols = tile_coords(tl.program_id(0), N, BLOCK_M, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]

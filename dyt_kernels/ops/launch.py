@@ -50,6 +50,15 @@ def tanh_f32(z, MODE: tl.constexpr):
     return t
 
 
+@triton.jit
+def tile_coords(pid, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row and column indices of program pid's tile, tiles laid row-major over an (M, N) grid."""
+    n_col_blocks = tl.cdiv(N, BLOCK_N)
+    rows = (pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
@@ -71,9 +80,13 @@ def tile_config(M: int, N: int, elem_size: int, tile_bytes: int = 16384):
     fp32 accumulators live); one warp per 256 elements, at most 8, so a thread holds 8-32 elements
     in 16-byte vectors.
     """
-    block_n = block_n_for(N)
+    block_n = block_n_for(int(N))  # a symbolic hidden size (torch.compile) specializes here
     elems = max(tile_bytes // elem_size, block_n)
-    block_m = max(1, min(elems // block_n, triton.next_power_of_2(max(M, 1))))
+    block_m = max(1, elems // block_n)
+    if isinstance(M, int):
+        # Few rows: don't pad the tile past them. A symbolic row count (torch.compile's dynamic
+        # shapes) skips this rather than specializing the graph on it; the masks keep it correct.
+        block_m = min(block_m, triton.next_power_of_2(max(M, 1)))
     num_warps = max(1, min(8, (block_m * block_n) // 256))
     return block_m, block_n, num_warps
 
@@ -93,6 +106,8 @@ def reduction_programs(device: torch.device, steps: int, other_programs: int) ->
         target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 4
+    if not isinstance(steps, int) or not isinstance(other_programs, int):
+        return target  # symbolic sizes: the launcher clamps G with cdiv, which stays symbolic
     return max(1, min(steps, triton.cdiv(target, max(other_programs, 1))))
 
 

@@ -33,7 +33,13 @@ from torch.library import triton_op, wrap_triton
 from .. import reference
 from ..backend import use_triton
 from ..reference import per_token
-from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config
+from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config, tile_coords
+
+
+@triton.jit
+def _load_mod(ptr, sample, token, cols, stride_b, stride_l, mask):
+    """shift/scale/gate[sample, token, cols] as fp32; stride_l = 0 broadcasts a per-sample tensor."""
+    return tl.load(ptr + sample * stride_b + token * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -54,11 +60,7 @@ def _modulate_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ALPHA_PER_CHANNEL: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_col_blocks = tl.cdiv(N, BLOCK_N)
-    rows = (pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
+    rows, cols = tile_coords(tl.program_id(0), N, BLOCK_M, BLOCK_N)
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
@@ -68,8 +70,7 @@ def _modulate_fwd_kernel(
     r = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         if HAS_GATE:
-            gate = tl.load(gate_ptr + sample * stride_gb + token * stride_gl + cols[None, :], mask=mask, other=0.0)
-            r = r * gate.to(tl.float32)
+            r = r * _load_mod(gate_ptr, sample, token, cols, stride_gb, stride_gl, mask)
         r += tl.load(res_ptr + rows64 * stride_resm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r_out = r.to(r_ptr.dtype.element_ty)
         tl.store(r_ptr + rows64 * stride_rm + cols[None, :], r_out, mask=mask)
@@ -83,9 +84,9 @@ def _modulate_fwd_kernel(
         n = n * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         n = n + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    shift = tl.load(shift_ptr + sample * stride_shb + token * stride_shl + cols[None, :], mask=mask, other=0.0)
-    scale = tl.load(scale_ptr + sample * stride_scb + token * stride_scl + cols[None, :], mask=mask, other=0.0)
-    h = n * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    shift = _load_mod(shift_ptr, sample, token, cols, stride_shb, stride_shl, mask)
+    scale = _load_mod(scale_ptr, sample, token, cols, stride_scb, stride_scl, mask)
+    h = n * (1.0 + scale) + shift
     tl.store(h_ptr + rows64 * stride_hm + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -155,8 +156,7 @@ def _modulate_bwd_kernel(
         if HAS_BIAS:
             n = n + bias
         if SCALE_PER_TOKEN:
-            scale = tl.load(scale_ptr + b64 * stride_scb + tok * stride_scl + cols[None, :], mask=mask,
-                            other=0.0).to(tl.float32)
+            scale = _load_mod(scale_ptr, b64, tok, cols, stride_scb, stride_scl, mask)
             tl.store(dscale_ptr + rows * N + cols[None, :], (dh * n).to(dscale_ptr.dtype.element_ty), mask=mask)
         else:
             acc_scale += dh * n
@@ -178,8 +178,7 @@ def _modulate_bwd_kernel(
         if HAS_GATE:
             x = tl.load(x_ptr + rows * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if GATE_PER_TOKEN:
-                gate = tl.load(gate_ptr + b64 * stride_gb + tok * stride_gl + cols[None, :], mask=mask,
-                               other=0.0).to(tl.float32)
+                gate = _load_mod(gate_ptr, b64, tok, cols, stride_gb, stride_gl, mask)
                 tl.store(dgate_ptr + rows * N + cols[None, :], (drt * x).to(dgate_ptr.dtype.element_ty), mask=mask)
             else:
                 acc_gate += drt * x
