@@ -63,24 +63,24 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def block_n_for(N: int) -> int:
-    """Channels per tile: the widest power of two (<= MAX_BLOCK_N) that pads N by at most 1/8."""
+def block_n_for(N: int, max_block_n: int = MAX_BLOCK_N) -> int:
+    """Channels per tile: the widest power of two (<= max_block_n) that pads N by at most 1/8."""
     if N <= 64:
         return triton.next_power_of_2(N)
-    bn = min(triton.next_power_of_2(N), MAX_BLOCK_N)
+    bn = min(triton.next_power_of_2(N), max_block_n)
     while bn > 16 and triton.cdiv(N, bn) * bn - N > N // 8:
         bn //= 2
     return bn
 
 
-def tile_config(M: int, N: int, elem_size: int, tile_bytes: int = 16384):
+def tile_config(M: int, N: int, elem_size: int, tile_bytes: int = 16384, max_block_n: int = MAX_BLOCK_N):
     """(BLOCK_M, BLOCK_N, num_warps) for an M x N problem whose main input has elem_size bytes.
 
     tile_bytes of the main input per program (16 KB forward; less in backward, which keeps several
     fp32 accumulators live); one warp per 256 elements, at most 8, so a thread holds 8-32 elements
     in 16-byte vectors.
     """
-    block_n = block_n_for(int(N))  # a symbolic hidden size (torch.compile) specializes here
+    block_n = block_n_for(int(N), max_block_n)  # a symbolic hidden size (torch.compile) specializes here
     elems = max(tile_bytes // elem_size, block_n)
     block_m = max(1, elems // block_n)
     if isinstance(M, int):

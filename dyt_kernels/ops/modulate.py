@@ -132,10 +132,14 @@ def _modulate_bwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     b64 = b.to(tl.int64)
+    # Per-sample scale/gate load once, as full tiles with token stride 0: the tile's own layout (16-byte
+    # accesses, no layout shuffle), the repeats served from L1.
+    tile_rows = tl.arange(0, BLOCK_M)[:, None]
+    tile_ok = (tile_rows >= 0) & col_ok[None, :]
     if not SCALE_PER_TOKEN:
-        scale = tl.load(scale_ptr + b64 * stride_scb + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        scale = _load_mod(scale_ptr, b64, tile_rows, cols, stride_scb, 0, tile_ok)
     if HAS_GATE and not GATE_PER_TOKEN:
-        gate = tl.load(gate_ptr + b64 * stride_gb + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _load_mod(gate_ptr, b64, tile_rows, cols, stride_gb, 0, tile_ok)
     acc_shift = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -288,7 +292,7 @@ def _modulate_bwd_triton(dh, dr, x, r, alpha, scale, weight, bias, has_residual,
     gate_t, sgb, sgl = _mod_strides(gate, L)
     scale_t, sscb, sscl = _mod_strides(scale, L)
     # Up to six fp32 accumulators live per tile: a quarter of the forward's tile.
-    block_m, block_n, num_warps = tile_config(L, D, x.element_size(), tile_bytes=4096 * x.element_size() // 4)
+    block_m, block_n, num_warps = tile_config(L, D, x.element_size(), tile_bytes=2048 * x.element_size(), max_block_n=512)
     n_col_blocks = triton.cdiv(D, block_n)
     steps_total = triton.cdiv(L, block_m)
     G = reduction_programs(x.device, steps_total, B * n_col_blocks)
