@@ -1,4 +1,4 @@
-"""nn.Modules over the functional ops: DyT (a drop-in for nn.LayerNorm) and, later, ModulatedDyT."""
+"""nn.Modules over the functional ops: DyT (a drop-in for nn.LayerNorm) and ModulatedDyT (adaLN)."""
 from __future__ import annotations
 
 import math

@@ -1,0 +1,297 @@
+"""Pieces PixArt-alpha and FLUX share: the norm switch, attention, MLPs, timestep and position encodings.
+
+The norm switch lives here so both models swap LayerNorm for DyT the same way:
+
+    norm="dyt"        every norm is DyT (alpha0 = 0.5); modulated norms call dyt_modulate
+    norm="layernorm"  the originals: LayerNorm (no affine, eps 1e-6) through layernorm_modulate
+
+A "pending residual" is a branch output not yet added to the stream: ``(branch, gate)`` stands for
+``x + gate * branch`` (``x + branch`` when gate is None). A block hands it to whatever comes next, so
+when the next thing is a modulated norm, the add and the norm run as one fused call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dyt_kernels import DyT, ModulatedDyT, layernorm_modulate
+
+NORMS = ("dyt", "layernorm")
+QK_NORMS = ("dyt", "rmsnorm")
+# The originals' eps for their LayerNorms and RMSNorms.
+NORM_EPS = 1e-6
+
+Pending = Optional[Tuple[Tensor, Optional[Tensor]]]
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class ModulatedLayerNorm(nn.Module):
+    """LayerNorm (no affine) + adaLN modulate, the original blocks' norm; same call as ModulatedDyT."""
+
+    def __init__(self, hidden_size: int, eps: float = NORM_EPS) -> None:
+        super().__init__()
+        self.hidden_size, self.eps = hidden_size, eps
+
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Tensor | None = None,
+                gate: Tensor | None = None):
+        return layernorm_modulate(x, shift, scale, residual=residual, gate=gate, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"
+
+
+def modulated_norm(hidden_size: int, norm: str) -> nn.Module:
+    """The norm in front of an adaLN modulation: forward(x, shift, scale, residual=None, gate=None)."""
+    check_choice("norm", norm, NORMS)
+    return ModulatedDyT(hidden_size) if norm == "dyt" else ModulatedLayerNorm(hidden_size)
+
+
+def plain_norm(dim: int, norm: str) -> nn.Module:
+    """An affine norm with no modulation (the text encoder's pre-norms)."""
+    check_choice("norm", norm, NORMS)
+    return DyT(dim) if norm == "dyt" else nn.LayerNorm(dim)
+
+
+def qk_norm_layer(head_dim: int, qk_norm: str) -> nn.Module:
+    # FLUX's RMSNorm has a learnable scale and no bias; its DyT stand-in keeps that parameter set.
+    check_choice("qk_norm", qk_norm, QK_NORMS)
+    return DyT(head_dim, bias=False) if qk_norm == "dyt" else nn.RMSNorm(head_dim, eps=NORM_EPS)
+
+
+def modulate_pending(norm: nn.Module, x: Tensor, pending: Pending, shift: Tensor, scale: Tensor):
+    """(h, x'): x' = x plus the pending residual, h = the modulated norm of x', in one norm call."""
+    if pending is None:
+        return norm(x, shift, scale), x
+    branch, gate = pending
+    return norm(branch, shift, scale, residual=x, gate=gate)
+
+
+def add_pending(x: Tensor, pending: Pending) -> Tensor:
+    """Settle a pending residual where no norm follows to fuse it into."""
+    if pending is None:
+        return x
+    branch, gate = pending
+    return x + branch if gate is None else x + gate * branch
+
+
+# ----------------------------------------------------------------------------- attention and MLPs
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L, 3*D) -> q, k, v, each (B, H, L, D/H)."""
+    B, L, _ = qkv.shape
+    return qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention over (B, H, L, d) heads -> (B, L, H*d).
+
+    key_mask (B, Lk) bool marks the keys that may be attended to; every row needs at least one
+    (the text tokenizer always emits an end token, so even "" has one).
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (qkv with bias, optional per-head QK-norm, output projection)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: str | None = None) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = None if qk_norm is None else QKNorm(dim // num_heads, qk_norm)
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, L, d), QK-normalized; FLUX's joint attention concatenates these across streams."""
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        if self.norm is not None:
+            q, k = self.norm(q, k, v)
+        return q, k, v
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        return self.proj(attention(*self.heads(x), key_mask))
+
+
+class QKNorm(nn.Module):
+    """FLUX's per-head query/key normalization (RMSNorm, or DyT under the switch)."""
+
+    def __init__(self, head_dim: int, qk_norm: str) -> None:
+        super().__init__()
+        self.query_norm = qk_norm_layer(head_dim, qk_norm)
+        self.key_norm = qk_norm_layer(head_dim, qk_norm)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class CrossAttention(nn.Module):
+    """PixArt's cross-attention: queries from the image tokens, keys/values from the text tokens."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        B, L, D = x.shape
+        q = self.q_linear(x).view(B, L, self.num_heads, -1).transpose(1, 2)
+        kv = self.kv_linear(context).view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(attention(q, kv[0], kv[1], context_mask))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU(tanh) -> Linear: the transformer MLP of both models, and PixArt's caption projection."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, in_dim if out_dim is None else out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear: PixArt's timestep embedder, FLUX's time_in and vector_in."""
+
+    def __init__(self, in_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Sinusoids come in fp32 and a plugged-in text encoder may pool in its own dtype.
+        return self.out_layer(F.silu(self.in_layer(x.to(self.in_layer.weight.dtype))))
+
+
+# ----------------------------------------------------------------------------- encodings
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), [cos | sin] over geometric frequencies, in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """(N,) positions -> (N, dim) [sin | cos] features."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """Fixed 2-D position embedding (grid_h*grid_w, dim), row-major; half the channels encode the row."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs hidden size divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    emb = torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
+    return emb.float()
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), tokens row-major over the patch grid."""
+    B, C, H, W = x.shape
+    p = patch_size
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x: Tensor, patch_size: int, height: int, width: int) -> Tensor:
+    """The inverse of patchify: (B, L, C*p*p) -> (B, C, H, W)."""
+    B, _, _ = x.shape
+    p = patch_size
+    h, w = height // p, width // p
+    x = x.reshape(B, h, w, -1, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, -1, height, width)
+
+
+def default_rope_axes(head_dim: int) -> list[int]:
+    """[head_dim - 2k, k, k] with k = 2*floor(3*head_dim/16): [16, 24, 24] for FLUX's seed head_dim 64.
+
+    Axis 0 (the image index) is 0 for every token here, so its channels are not rotated; the row and
+    column axes share the rest equally. Every axis needs an even size (channels rotate in pairs).
+    """
+    k = 2 * ((3 * head_dim) // 16)
+    return [head_dim - 2 * k, k, k]
+
+
+def rope_angles(ids: Tensor, axes_dim: Sequence[int], theta: float = 10000.0) -> Tensor:
+    """Rotation angles (..., L, head_dim/2) for position ids (..., L, n_axes), one frequency band per axis."""
+    parts = []
+    for i, d in enumerate(axes_dim):
+        freqs = theta ** (-torch.arange(0, d, 2, device=ids.device, dtype=torch.float32) / d)
+        parts.append(ids[..., i:i + 1].float() * freqs)
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, H, L, d) by angles (B or 1, L, d/2), in fp32
+    or better."""
+    cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]
+    x0, x1 = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def image_position_ids(grid_h: int, grid_w: int, device=None) -> Tensor:
+    """FLUX's image ids (grid_h*grid_w, 3): (0, row, col), row-major like patchify."""
+    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
+                                indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_image_config(in_channels: int, image_size: int, patch_size: int) -> None:
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not isinstance(image_size, int) or image_size < 1 or image_size % patch_size:
+        raise ValueError(f"image_size must be a positive int divisible by patch_size={patch_size}, "
+                         f"got {image_size!r}")
+
+
+def check_forward_args(x: Tensor, t: Tensor, cond, in_channels: int, patch_size: int,
+                       image_size: int | None) -> None:
+    """Errors name the argument and the expected shape (static shapes: free under torch.compile)."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"x must be (B, {in_channels}, H, W), got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if image_size is not None and (H, W) != (image_size, image_size):
+        raise ValueError(f"x must be (B, {in_channels}, {image_size}, {image_size}), got {tuple(x.shape)}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"x's height and width must be divisible by patch_size={patch_size}, got {tuple(x.shape)}")
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be ({x.shape[0]},), one timestep per image, got {tuple(t.shape)}")
+    B, T = cond.mask.shape
+    if B != x.shape[0] or cond.tokens.shape[:2] != (B, T) or cond.pooled.shape[0] != B:
+        raise ValueError(f"cond must hold tokens ({x.shape[0]}, T, D_txt), mask ({x.shape[0]}, T) and pooled "
+                         f"({x.shape[0]}, D_pool), got {tuple(cond.tokens.shape)}, {tuple(cond.mask.shape)}, "
+                         f"{tuple(cond.pooled.shape)}")
