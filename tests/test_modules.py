@@ -1,0 +1,491 @@
+"""The DyT module, convert_layernorm_to_dyt on models nobody here wrote, and backend selection."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dyt_kernels
+from dyt_kernels import DyT, convert_layernorm_to_dyt, dyt, get_backend, reference, use_backend
+from helpers import TANH_F32_ABS_ERR, max_abs_err
+
+
+def dyt_formula(x, alpha, weight, bias, channel_dim=-1):
+    """w * tanh(alpha * x) + b written out in plain PyTorch (float64 when given float64)."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    ch = lambda p: p if p.numel() == 1 else p.reshape(shape)  # noqa: E731
+    y = torch.tanh(ch(alpha) * x)
+    if weight is not None:
+        y = y * ch(weight)
+    if bias is not None:
+        y = y + ch(bias)
+    return y
+
+
+def randomize_(module: nn.Module, scale: float = 0.5) -> nn.Module:
+    """Nonzero random values in every parameter (norm weights around 1), so copying shows."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.endswith("weight") and p.dim() == 1 else 0.0
+            p.copy_(base + scale * torch.randn_like(p))
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# DyT: a one-word replacement for nn.LayerNorm.
+# --------------------------------------------------------------------------------------------------
+
+LAYERNORM_ARGS = [
+    pytest.param((8,), {}, id="int"),
+    pytest.param((8, 1e-6), {}, id="pos-eps"),
+    pytest.param((8, 1e-6, False), {}, id="pos-no-affine"),
+    pytest.param((8, 1e-5, True, False), {}, id="pos-no-bias"),
+    pytest.param((8, 1e-5, True, True, "DEVICE", torch.float64), {}, id="pos-device-dtype"),
+    pytest.param((), {"normalized_shape": (4, 8), "eps": 1e-3, "elementwise_affine": True, "bias": True,
+                      "device": "DEVICE", "dtype": torch.bfloat16}, id="kw-all-tuple"),
+    pytest.param(([4, 8],), {"elementwise_affine": False}, id="list-no-affine"),
+    pytest.param((torch.Size([6]),), {"bias": False}, id="size-no-bias"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs", LAYERNORM_ARGS)
+def test_dyt_accepts_every_layernorm_argument(args, kwargs, device):
+    args = tuple(device if a == "DEVICE" else a for a in args)
+    kwargs = {k: (device if v == "DEVICE" else v) for k, v in kwargs.items()}
+    ln, norm = nn.LayerNorm(*args, **kwargs), DyT(*args, **kwargs)
+    assert norm.normalized_shape == tuple(ln.normalized_shape)
+    assert norm.elementwise_affine == ln.elementwise_affine
+    ln_params = dict(ln.named_parameters())
+    params = dict(norm.named_parameters())
+    assert set(params) == set(ln_params) | {"alpha"}
+    for name, p in ln_params.items():
+        assert params[name].shape == p.shape and params[name].dtype == p.dtype and params[name].device == p.device
+    assert params["alpha"].dtype == ln_params.get("weight", params["alpha"]).dtype
+    assert params["alpha"].device.type == torch.device(device).type
+    assert (norm.bias is None) == (ln.bias is None) and (norm.weight is None) == (ln.weight is None)
+    # Same input works for both (same trailing shape), and DyT keeps dtype and shape.
+    x = torch.randn(3, *ln.normalized_shape, device=params["alpha"].device, dtype=params["alpha"].dtype)
+    assert norm(x).shape == ln(x).shape and norm(x).dtype == ln(x).dtype
+
+
+def test_parameters_and_initial_values(device):
+    norm = DyT(16, device=device)
+    assert [n for n, _ in norm.named_parameters()] == ["alpha", "weight", "bias"]
+    assert norm.alpha.shape == (1,) and norm.alpha.item() == 0.5
+    assert torch.equal(norm.weight, torch.ones(16, device=device))
+    assert torch.equal(norm.bias, torch.zeros(16, device=device))
+    assert list(norm.state_dict()) == ["alpha", "weight", "bias"]
+
+    per = DyT((4, 8), alpha_init_value=0.8, alpha_per_channel=True, device=device)
+    assert per.alpha.shape == (4, 8) and torch.equal(per.alpha, torch.full((4, 8), 0.8, device=device))
+    assert all(p.requires_grad for p in per.parameters())
+
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(1.0)
+    norm.reset_parameters()
+    assert norm.alpha.item() == 0.5 and torch.equal(norm.bias, torch.zeros(16, device=device))
+
+
+def test_layernorm_state_dict_loads_into_dyt(device):
+    """Swapping the class keeps checkpoints: LayerNorm's weight/bias load, only alpha is new."""
+    ln = randomize_(nn.LayerNorm(12, device=device))
+    norm = DyT(12, device=device)
+    missing, unexpected = norm.load_state_dict(ln.state_dict(), strict=False)
+    assert missing == ["alpha"] and unexpected == []
+    assert torch.equal(norm.weight, ln.weight) and torch.equal(norm.bias, ln.bias)
+
+
+def test_eps_is_accepted_ignored_and_reads_nan(device):
+    x = torch.randn(5, 8, device=device)
+    a, b = DyT(8, eps=1e-5, device=device), DyT(8, eps=0.3, device=device)
+    assert math.isnan(a.eps) and math.isnan(b.eps)
+    assert torch.equal(a(x), b(x))
+
+
+def test_extra_repr(device):
+    text = repr(DyT(384, device=device))
+    for part in ["(384,)", "alpha_init_value=0.5", "alpha_per_channel=False", "elementwise_affine=True",
+                 "bias=True", "channels_last=True"]:
+        assert part in text, (part, text)
+    text = repr(DyT(64, 1e-6, True, False, alpha_init_value=1.5, alpha_per_channel=True, channels_last=False))
+    for part in ["(64,)", "alpha_init_value=1.5", "alpha_per_channel=True", "bias=False", "channels_last=False"]:
+        assert part in text, (part, text)
+    assert "elementwise_affine=False" in repr(DyT((2, 3), elementwise_affine=False))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape,normalized,per_channel", [
+    ((2, 5, 24), 24, False), ((2, 5, 24), 24, True), ((3, 4, 8), (4, 8), True), ((6, 4, 8), (4, 8), False),
+], ids=["D-alpha1", "D-alphaC", "4x8-alphaC", "4x8-alpha1"])
+def test_module_forward_backward_matches_formula(shape, normalized, per_channel, backend, device):
+    norm = randomize_(DyT(normalized, alpha_per_channel=per_channel, device=device))
+    x = torch.randn(shape, device=device, requires_grad=True)
+    dy = torch.randn(shape, device=device)
+    with use_backend(backend):
+        y = norm(x)
+        y.backward(dy)
+    k = 1 if isinstance(normalized, int) else len(normalized)
+    flat = lambda t: t.double().reshape(*t.shape[:t.dim() - k], -1)  # noqa: E731
+    params64 = [p.detach().double().reshape(-1).requires_grad_() for p in (norm.alpha, norm.weight, norm.bias)]
+    x64 = x.detach().double().requires_grad_()
+    y64 = dyt_formula(flat(x64), *params64).reshape(shape)
+    y64.backward(dy.double())
+    # fp32 kernel vs float64 formula: y within the tanh form's error times |w| (~1.7) plus rounding;
+    # grads are sums of <= 30 terms of O(1). 1e-5 abs is ~50 fp32 eps at these magnitudes.
+    torch.testing.assert_close(y, y64.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-5)
+    for p, p64 in zip((norm.alpha, norm.weight, norm.bias), params64):
+        torch.testing.assert_close(p.grad.reshape(-1), p64.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["alpha1", "alphaC"])
+def test_module_channels_first(per_channel, backend, device):
+    norm = randomize_(DyT(6, channels_last=False, alpha_per_channel=per_channel, device=device))
+    x = torch.randn(2, 6, 3, 5, device=device)
+    with use_backend(backend):
+        y = norm(x)
+    want = dyt_formula(x.double(), *(p.detach().double() for p in (norm.alpha, norm.weight, norm.bias)), channel_dim=1)
+    # fp32 vs float64 elementwise: tanh form error (<= TANH_F32_ABS_ERR) times |w| <= ~3, plus rounding.
+    torch.testing.assert_close(y, want.float(), rtol=1e-6, atol=4 * TANH_F32_ABS_ERR * 3)
+    with pytest.raises(ValueError, match="normalized_shape must be an int"):
+        DyT((2, 3), channels_last=False)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["alpha1", "alphaC"])
+def test_module_channels_first_wrong_channel_count(per_channel, affine, device):
+    """5 channels into DyT(6, channels_last=False) is an error whatever the parameters are (the
+    channels_last path checks the trailing shape itself; a scalar alpha without affine has no
+    per-channel tensor whose size would catch it)."""
+    norm = DyT(6, elementwise_affine=affine, channels_last=False, alpha_per_channel=per_channel, device=device)
+    with pytest.raises(ValueError):
+        norm(torch.randn(2, 5, 3, 5, device=device))
+
+
+def test_module_wrong_trailing_shape(device):
+    with pytest.raises(ValueError, match=r"normalized_shape=\(8,\).*\(2, 7\)"):
+        DyT(8, device=device)(torch.randn(2, 7, device=device))
+    with pytest.raises(ValueError, match=r"normalized_shape=\(4, 8\).*\(2, 8, 4\)"):
+        DyT((4, 8), device=device)(torch.randn(2, 8, 4, device=device))
+    with pytest.raises(ValueError, match="normalized_shape must be positive"):
+        DyT((4, 0))
+
+
+def test_module_dtype(device):
+    norm = DyT(32, dtype=torch.bfloat16, device=device)
+    assert all(p.dtype == torch.bfloat16 for p in norm.parameters())
+    x = torch.randn(4, 32, device=device, dtype=torch.bfloat16)
+    with use_backend("triton"):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    # Default parameters (w=1, b=0, alpha=0.5): y = tanh(x/2), one bf16 rounding (2^-8 relative).
+    torch.testing.assert_close(y.float(), torch.tanh(0.5 * x.float()), rtol=2 ** -8, atol=2 ** -9)
+
+
+# --------------------------------------------------------------------------------------------------
+# convert_layernorm_to_dyt.
+# --------------------------------------------------------------------------------------------------
+
+def hand_built_dyt(model: nn.Module, alpha_init_value: float = 0.5, include_rmsnorm: bool = False) -> nn.Module:
+    """A copy of `model` whose norms compute DyT by hand: each gets an `alpha` Parameter and a forward
+    of w * tanh(alpha * x) + b with its own (copied) affine values. Parameter names then match the
+    converted model's, so gradients compare by name."""
+    hand = copy.deepcopy(model)
+    types = (nn.LayerNorm, nn.RMSNorm) if include_rmsnorm else (nn.LayerNorm,)
+    for m in hand.modules():
+        if isinstance(m, types):
+            p = next(iter(m.parameters()), None)
+            m.register_parameter("alpha", nn.Parameter(torch.full(
+                (1,), alpha_init_value, device=p.device if p is not None else None,
+                dtype=p.dtype if p is not None else None)))
+
+            def forward(x, m=m):
+                k = len(m.normalized_shape)
+                xf = x.reshape(*x.shape[:x.dim() - k], -1)
+                flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+                return dyt_formula(xf, m.alpha, flat(m.weight), flat(getattr(m, "bias", None))).reshape(x.shape)
+
+            m.forward = forward
+    return hand
+
+
+def tiny_vit():
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64)
+
+
+def tiny_encoder():
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, norm=nn.LayerNorm(32), enable_nested_tensor=False)
+
+
+def _compare_models(converted, hand, inp, backend, tol):
+    with use_backend(backend):
+        out = converted(inp)
+        out.square().mean().backward()
+    want = hand(inp)
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want, **tol)
+    hand_params = dict(hand.named_parameters())
+    got_params = dict(converted.named_parameters())
+    assert set(got_params) == set(hand_params)
+    for name, p in got_params.items():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, hand_params[name].grad, **tol, msg=name)
+
+
+# The converted model runs the same fp32 math as the hand-built one except the tanh form (<= 2 fp32
+# eps apart per element on the Triton path) and op order; through two attention blocks that stays
+# around 1e-6 relative. rtol 1e-4 / atol 1e-5 is far below a wrong alpha/weight/bias (O(1e-1)).
+MODEL_TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_convert_vision_transformer(backend, device):
+    model = randomize_(tiny_vit(), scale=0.2).to(device)
+    n_ln = sum(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert n_ln == 5
+    hand = hand_built_dyt(model)
+    assert convert_layernorm_to_dyt(model) is model
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert sum(isinstance(m, DyT) for m in model.modules()) == n_ln
+    _compare_models(model, hand, torch.randn(2, 3, 32, 32, device=device), backend, MODEL_TOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_convert_transformer_encoder(backend, device):
+    model = randomize_(tiny_encoder(), scale=0.2).to(device)
+    hand = hand_built_dyt(model)
+    convert_layernorm_to_dyt(model)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert sum(isinstance(m, DyT) for m in model.modules()) == 5
+    _compare_models(model, hand, torch.randn(2, 7, 32, device=device), backend, MODEL_TOL)
+
+
+def test_convert_encoder_inference_fast_path_is_not_taken(device):
+    """nn.TransformerEncoderLayer in eval + no_grad has a fused path that hard-codes LayerNorm math
+    with norm1.eps; DyT's NaN eps must make it fall back to the modules, so the DyT result comes out."""
+    model = randomize_(tiny_encoder(), scale=0.2).to(device).eval()
+    hand = hand_built_dyt(model).eval()
+    convert_layernorm_to_dyt(model)
+    src = torch.randn(2, 7, 32, device=device)
+    want = hand(src).detach()  # grad enabled + parameters requiring grad: the slow, module path
+    with torch.no_grad():
+        got = model(src)
+    torch.testing.assert_close(got, want, **MODEL_TOL)
+    # The check has teeth: with equal (non-NaN) eps the fast path is taken and computes LayerNorm.
+    for layer in model.layers:
+        layer.norm1.eps = layer.norm2.eps = 1e-5
+    with torch.no_grad():
+        fast = model(src)
+    assert max_abs_err(fast, want) > 1e-2, "this torch took no fast path; the NaN-eps guard went untested"
+
+
+@pytest.mark.parametrize("copy_affine", [True, False])
+def test_convert_copy_affine(copy_affine, device):
+    model = nn.Sequential(nn.Linear(8, 8), randomize_(nn.LayerNorm(8)), nn.ReLU()).to(device)
+    old = model[1]
+    convert_layernorm_to_dyt(model, copy_affine=copy_affine, alpha_init_value=0.25)
+    new = model[1]
+    assert isinstance(new, DyT) and new.alpha.item() == 0.25
+    if copy_affine:
+        assert torch.equal(new.weight, old.weight) and torch.equal(new.bias, old.bias)
+    else:
+        assert torch.equal(new.weight, torch.ones(8, device=device))
+        assert torch.equal(new.bias, torch.zeros(8, device=device))
+    assert new.weight is not old.weight  # fresh parameters, not aliases of the old module's
+
+
+def test_convert_preserves_requires_grad(device):
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8)).to(device)
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    convert_layernorm_to_dyt(model)
+    assert not model[0].weight.requires_grad and model[0].bias.requires_grad
+    assert model[2].weight.requires_grad and not model[2].bias.requires_grad
+    assert model[0].alpha.requires_grad and model[2].alpha.requires_grad
+
+
+def test_convert_preserves_device_and_dtype(device):
+    model = randomize_(tiny_vit()).to(device=device, dtype=torch.bfloat16)
+    convert_layernorm_to_dyt(model)
+    norms = [m for m in model.modules() if isinstance(m, DyT)]
+    assert len(norms) == 5
+    for m in norms:
+        for p in m.parameters():
+            assert p.dtype == torch.bfloat16 and p.device.type == torch.device(device).type
+    out = model(torch.randn(2, 3, 32, 32, device=device, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_convert_affine_free_norm_follows_the_model(device):
+    """A LayerNorm with no parameters takes its device/dtype from the surrounding model."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False)).to(device, torch.float16)
+    convert_layernorm_to_dyt(model)
+    assert model[1].weight is None and model[1].bias is None
+    assert model[1].alpha.dtype == torch.float16 and model[1].alpha.device.type == torch.device(device).type
+    no_bias = convert_layernorm_to_dyt(nn.LayerNorm(8, bias=False, device=device))
+    assert no_bias.weight is not None and no_bias.bias is None
+
+
+def test_convert_preserves_train_eval_mode(device):
+    model = nn.Sequential(nn.LayerNorm(4), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))).to(device)
+    model[1].eval()
+    convert_layernorm_to_dyt(model)
+    assert model[0].training and not model[1][1].training
+    model.eval()
+    assert not convert_layernorm_to_dyt(model)[0].training
+
+
+@pytest.mark.parametrize("include_rmsnorm", [False, True])
+def test_convert_rmsnorm(include_rmsnorm, device):
+    model = nn.Sequential(nn.Linear(8, 8), randomize_(nn.RMSNorm(8)), nn.LayerNorm(8),
+                          nn.RMSNorm(8, elementwise_affine=False)).to(device)
+    hand = hand_built_dyt(model, include_rmsnorm=include_rmsnorm)
+    old_w = model[1].weight
+    convert_layernorm_to_dyt(model, include_rmsnorm=include_rmsnorm)
+    assert isinstance(model[2], DyT)
+    if include_rmsnorm:
+        assert isinstance(model[1], DyT) and isinstance(model[3], DyT)
+        assert torch.equal(model[1].weight, old_w) and model[1].bias is None
+        assert model[3].weight is None and model[3].bias is None
+    else:
+        assert isinstance(model[1], nn.RMSNorm) and isinstance(model[3], nn.RMSNorm)
+    x = torch.randn(3, 8, device=device)
+    # Same fp32 formula both ways; only the CPU tanh vs libm differ by ~1 ulp.
+    torch.testing.assert_close(model(x), hand(x), rtol=1e-5, atol=1e-6)
+
+
+def test_convert_model_that_is_a_norm(device):
+    ln = randomize_(nn.LayerNorm((4, 8), device=device)).eval()
+    new = convert_layernorm_to_dyt(ln, alpha_init_value=0.7)
+    assert isinstance(new, DyT) and new is not ln and not new.training
+    assert new.normalized_shape == (4, 8) and new.alpha.item() == pytest.approx(0.7)
+    assert torch.equal(new.weight, ln.weight) and torch.equal(new.bias, ln.bias)
+    x = torch.randn(3, 4, 8, device=device)
+    want = dyt_formula(x.reshape(3, -1), new.alpha, ln.weight.reshape(-1), ln.bias.reshape(-1)).reshape(x.shape)
+    torch.testing.assert_close(new(x), want, rtol=1e-5, atol=1e-6)
+    rms = convert_layernorm_to_dyt(nn.RMSNorm(8, device=device), include_rmsnorm=True)
+    assert isinstance(rms, DyT)
+    assert isinstance(convert_layernorm_to_dyt(nn.RMSNorm(8)), nn.RMSNorm)
+
+
+def test_convert_shared_norm_instance(device):
+    """A LayerNorm instance used at two places (weight tying): both places are converted, to one DyT."""
+    ln = nn.LayerNorm(8)
+    model = nn.Sequential(nn.Linear(8, 8), ln, nn.Linear(8, 8), ln).to(device)
+    convert_layernorm_to_dyt(model)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules()), f"a LayerNorm survived: {model}"
+    assert model[1] is model[3], "the shared norm was split into independent DyT modules"
+
+
+def test_convert_norm_shared_across_parents(device):
+    ln = nn.LayerNorm(8)
+    model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(8, 8), ln), "b": nn.Sequential(ln)}).to(device)
+    convert_layernorm_to_dyt(model)
+    assert isinstance(model["a"][1], DyT) and isinstance(model["b"][0], DyT)
+    assert model["a"][1] is model["b"][0], "the shared norm was split into independent DyT modules"
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        convert_layernorm_to_dyt(lambda x: x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend selection.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """Counts calls into reference.dyt / dyt_backward (the torch path) made by the registered ops."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = reference.dyt, reference.dyt_backward
+
+    def spy_fwd(*a, **k):
+        calls["fwd"] += 1
+        return fwd(*a, **k)
+
+    def spy_bwd(*a, **k):
+        calls["bwd"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(reference, "dyt", spy_fwd)
+    monkeypatch.setattr(reference, "dyt_backward", spy_bwd)
+    return calls
+
+
+def _fwd_bwd(device, dtype=torch.float32):
+    x = torch.randn(3, 16, device=device, dtype=dtype, requires_grad=True)
+    dyt(x, torch.tensor([0.5], device=device, dtype=dtype), torch.ones(16, device=device, dtype=dtype)).sum().backward()
+
+
+def test_use_backend_nesting_restores(monkeypatch):
+    monkeypatch.delenv("DYT_KERNELS_BACKEND", raising=False)
+    assert get_backend() == "auto"
+    with use_backend("torch"):
+        assert get_backend() == "torch"
+        with use_backend("triton"):
+            assert get_backend() == "triton"
+        assert get_backend() == "torch"
+        with pytest.raises(RuntimeError, match="boom"), use_backend("auto"):
+            raise RuntimeError("boom")
+        assert get_backend() == "torch"
+    assert get_backend() == "auto"
+    assert dyt_kernels.get_backend is get_backend
+
+
+@pytest.mark.parametrize("env,uses_reference", [("torch", True), ("triton", False), ("auto", None)])
+def test_env_var_selects_backend(env, uses_reference, monkeypatch, reference_calls, device):
+    monkeypatch.setenv("DYT_KERNELS_BACKEND", env)
+    assert get_backend() == env
+    if uses_reference is None:  # auto: Triton for CUDA tensors, the torch path for everything else
+        uses_reference = device != "cuda"
+    _fwd_bwd(device)
+    assert (reference_calls["fwd"], reference_calls["bwd"]) == ((1, 1) if uses_reference else (0, 0))
+    with use_backend("torch"):  # use_backend overrides the variable
+        assert get_backend() == "torch"
+
+
+def test_auto_on_cpu_uses_torch_path(monkeypatch, reference_calls):
+    monkeypatch.delenv("DYT_KERNELS_BACKEND", raising=False)
+    with use_backend("auto"):
+        _fwd_bwd("cpu")
+    assert reference_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_float64_always_uses_torch_path(backend, reference_calls, device):
+    with use_backend(backend):
+        _fwd_bwd(device, torch.float64)
+    assert reference_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_triton_backend_skips_reference(reference_calls, device):
+    with use_backend("triton"):
+        _fwd_bwd(device)
+    assert reference_calls == {"fwd": 0, "bwd": 0}
+
+
+def test_backward_runs_on_the_forward_backend(monkeypatch, device):
+    """A forward under use_backend("triton") keeps the Triton backward even if .backward() runs
+    outside the block: the plain-PyTorch backward must not be called."""
+    from dyt_kernels import reference
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the torch backward ran for a Triton forward")
+
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    m = DyT(8).to(device)
+    with use_backend("triton"):
+        y = m(x)
+    monkeypatch.setattr(reference, "dyt_backward", boom)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
