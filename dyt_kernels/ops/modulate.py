@@ -16,8 +16,9 @@ Minimum bytes, E = B*L*D elements of s bytes, P = B*D per-sample vectors (per-to
     backward   no residual         read dh, x; write dx                           3E*s (+ P*s scale)
                residual, no gate   read dh, dr, r; write dresidual (= dx)          4E*s (+ P*s)
                residual, gate      read dh, dr, r, x; write dresidual, dx          6E*s (+ 2P*s)
-Per-token scale/gate add a read of scale/gate and a write of dscale/dgate (E*s each); a per-token
-dshift is dh itself and costs nothing. The backward saves r (the norm's input), never h, recomputes
+The backward's small terms: it reads scale (and gate) and writes dshift, dscale (and dgate) as (B, D)
+fp32 partial sums, P*s-sized each. Per-token scale/gate instead add a read of scale/gate and a write
+of dscale/dgate (E*s each); a per-token dshift is dh itself and costs nothing. The backward saves r (the norm's input), never h, recomputes
 tanh, and reduces per-sample and per-channel sums through fp32 per-program partials: no atomics.
 """
 from __future__ import annotations

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One short GPU window, one command: bash bench/gpu_check.sh
+#
+# On a fresh GPU machine with no network (PyTorch and Triton preinstalled, this project copied in as
+# the working directory) it runs, each stage under its own `timeout` and all within DEADLINE_S:
+#
+#   0. preflight   versions, nvidia-smi, CUDA check; wheels in bench/wheels/ installed offline
+#   1. tests       python -m pytest -q tests, on CUDA (TRITON_INTERPRET unset: compiled kernels)
+#   2. inspect     python -m dyt_kernels.inspect, when that module exists
+#   3. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
+#                  (bf16 first; torch.compile's builds of the compiled baselines take much of it)
+#   4. liger       the same for LigerDyT alone, merged into the table: its autotuner compiles and
+#                  times 18 configs per hidden size, dtype and pass, so it gets its own budget
+#   5. models      python -m bench models (eager configs first, then compiled layernorm/dyt pairs)
+#
+# A stage that fails or times out is recorded and the next one runs. The benchmarks get a budget a
+# little under their timeout so they stop cleanly; a SIGTERM from `timeout` still makes them write
+# what they measured. Everything lands in $OUT when set (else bench/results/), at most 8 files:
+# gpu_check.log, gpu_check.summary, and <device>-<date>.{json,md,png} + <device>-<date>-speedup.png.
+#
+# Without CUDA (a dry run on a developer machine) the tests stage is skipped (CI runs the suite on
+# CPU) and the benchmarks run with --smoke on CPU, so the whole script can be checked anywhere.
+#
+# Knobs (environment): PYTHON, DEADLINE_S (390), TESTS_S (110), INSPECT_S (20), KERNELS_S (110),
+# LIGER_S (45), MODELS_S (90), BENCH_GIT_COMMIT (recorded in the results when the copied tree has no .git).
+# Idempotent: rerunning overwrites the log and replaces the results' sections for the same day.
+set -u
+cd "$(dirname "$0")/.."
+
+START=$SECONDS
+DEADLINE_S=${DEADLINE_S:-390}   # 7 minutes is 420 s: room for `timeout -k 15` and copying back
+TESTS_S=${TESTS_S:-110}
+INSPECT_S=${INSPECT_S:-20}
+KERNELS_S=${KERNELS_S:-110}
+LIGER_S=${LIGER_S:-45}
+MODELS_S=${MODELS_S:-90}
+DEST=${OUT:-bench/results}
+mkdir -p "$DEST"
+LOG="$DEST/gpu_check.log"
+SUMMARY="$DEST/gpu_check.summary"
+: >"$LOG"
+: >"$SUMMARY"
+
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET   # the suite must run the compiled kernels, not the CPU interpreter
+
+log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+record() { printf '%-10s %-28s %5ss\n' "$1" "$2" "$3" >>"$SUMMARY"; }
+
+# The python that has torch: $PYTHON, else python3, else the project's venv.
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3 python .venv/bin/python; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" >/dev/null 2>&1; then PY=$cand; break; fi
+  done
+fi
+if [ -z "$PY" ]; then
+  log "no python with torch found (set PYTHON=...)"; record preflight "fail (no torch)" 0; cat "$SUMMARY"; exit 1
+fi
+
+# Runs "$@" under a timeout no longer than the stage budget or what is left before the deadline.
+# Usage: stage NAME BUDGET_S cmd...
+FAILED=0
+stage() {
+  local name=$1 budget=$2 left t rc t0
+  shift 2
+  left=$((DEADLINE_S - (SECONDS - START)))
+  t=$((budget < left ? budget : left))
+  if [ "$t" -lt 20 ]; then
+    log "== $name: skipped, ${left}s left before the deadline"; record "$name" "skipped (deadline)" 0; FAILED=1; return
+  fi
+  log "== $name (timeout ${t}s): $*"
+  t0=$SECONDS
+  timeout -s TERM -k 15 "$t" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then record "$name" "ok" $((SECONDS - t0))
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record "$name" "timeout (rc $rc)" $((SECONDS - t0)); FAILED=1
+  else record "$name" "fail (rc $rc)" $((SECONDS - t0)); FAILED=1
+  fi
+  log "== $name: rc $rc"
+}
+# The budget handed to a benchmark so it stops on its own before `timeout` fires: the stage's
+# planned timeout (set by `plan`) less a margin for the row in flight and the final charts.
+plan() { local left=$((DEADLINE_S - (SECONDS - START))); STAGE_T_PLANNED=$(($1 < left ? $1 : left)); }
+budget_for() { local b=$(( STAGE_T_PLANNED - $1 )); echo $(( b > 10 ? b : 10 )); }
+
+# ----- 0. preflight -------------------------------------------------------------------------------
+t0=$SECONDS
+log "python: $(command -v "$PY") ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
+if [ -z "${BENCH_GIT_COMMIT:-}" ] && git rev-parse HEAD >/dev/null 2>&1; then
+  BENCH_GIT_COMMIT=$(git rev-parse HEAD); export BENCH_GIT_COMMIT
+fi
+log "commit: ${BENCH_GIT_COMMIT:-unknown}"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv \
+    2>&1 | tee -a "$LOG"
+fi
+shopt -s nullglob
+wheels=(bench/wheels/*.whl)
+shopt -u nullglob
+if [ "${#wheels[@]}" -gt 0 ]; then
+  SITE="${TMPDIR:-/tmp}/dyt_bench_site"
+  log "installing ${#wheels[@]} wheel(s) offline into $SITE: ${wheels[*]}"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}" \
+      >>"$LOG" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$SITE"   # after the project and the image's own packages
+  else
+    log "wheel install failed; providers that need them will be skipped with the reason"
+  fi
+fi
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton import failed:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1))
+EOF
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  CUDA=1; SMOKE=()
+else
+  CUDA=0; SMOKE=(--smoke)
+  log "no CUDA device: dry run (tests skipped, benchmarks with --smoke on CPU)"
+fi
+record preflight ok $((SECONDS - t0))
+
+# ----- 1. tests -------------------------------------------------------------------------------------
+if [ "$CUDA" -eq 1 ]; then
+  stage tests "$TESTS_S" "$PY" -m pytest -q tests
+else
+  log "== tests: skipped, no CUDA (CI runs the suite on CPU)"; record tests "skipped (no CUDA)" 0
+fi
+
+# ----- 2. inspect -----------------------------------------------------------------------------------
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('dyt_kernels.inspect') else 1)" \
+    >/dev/null 2>&1; then
+  stage inspect "$INSPECT_S" "$PY" -m dyt_kernels.inspect
+else
+  log "== inspect: dyt_kernels.inspect does not exist yet"; record inspect "skipped (no module)" 0
+fi
+
+# ----- 3. kernel benchmarks, 4. Liger ---------------------------------------------------------------
+plan "$KERNELS_S"
+stage kernels "$KERNELS_S" "$PY" -m bench kernels --shapes all --dtypes bf16,fp32 --out "$DEST" \
+  --skip-providers liger_dyt --budget-s "$(budget_for 30)" ${SMOKE[@]+"${SMOKE[@]}"}
+plan "$LIGER_S"
+stage liger "$LIGER_S" "$PY" -m bench kernels --shapes all --dtypes bf16,fp32 --out "$DEST" \
+  --providers liger_dyt --merge --budget-s "$(budget_for 20)" ${SMOKE[@]+"${SMOKE[@]}"}
+
+# ----- 5. model benchmarks ---------------------------------------------------------------------------
+plan "$MODELS_S"
+stage models "$MODELS_S" "$PY" -m bench models --out "$DEST" --budget-s "$(budget_for 25)" ${SMOKE[@]+"${SMOKE[@]}"}
+
+log "done in $((SECONDS - START))s; files in $DEST:"
+ls -la "$DEST" | tee -a "$LOG"
+echo "---- gpu_check summary (stage, status, seconds) ----"
+cat "$SUMMARY"
+exit "$FAILED"
