@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import bytecount, report
-from .runctl import Budget, Stop, compile_settings, stop_on_sigterm, stop_requested
+from .runctl import Budget, Stop, choices, compile_settings, stop_on_sigterm, stop_requested
 from .providers import OPS, Context, Provider, make_inputs, providers_for
 from .timing import TimerConfig, clear_grads, rotation, time_calls, use_graph
 
@@ -224,21 +224,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rep-ms", type=float, default=40.0)
 
 
-def _list(arg: str, allowed) -> list[str]:
-    items = [a.strip() for a in arg.split(",") if a.strip()]
-    bad = [a for a in items if a not in allowed]
-    if bad:
-        raise SystemExit(f"unknown value(s) {bad}; choose from {list(allowed)}")
-    return items
-
-
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = resolve_shapes("smoke" if args.smoke and args.shapes == "all" else args.shapes)
-    dtypes, modes, ops = _list(args.dtypes, DTYPES), _list(args.modes, MODES), _list(args.ops, OPS)
+    dtypes, modes, ops = choices(args.dtypes, DTYPES), choices(args.modes, MODES), choices(args.ops, OPS)
     names = {p.name for op in OPS for p in providers_for(op)}
-    only = None if not args.providers else set(_list(args.providers, names))
-    skip = set() if not args.skip_providers else set(_list(args.skip_providers, names))
+    only = None if not args.providers else set(choices(args.providers, names))
+    skip = set() if not args.skip_providers else set(choices(args.skip_providers, names))
     cfg = TimerConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     if args.smoke:
         cfg.rep_ms, cfg.warmup_ms, cfg.cpu_reps, cfg.cpu_warmup = min(cfg.rep_ms, 10.0), min(cfg.warmup_ms, 5.0), 3, 1

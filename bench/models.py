@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from . import report
-from .runctl import Budget, Stop, compile_settings, stop_on_sigterm, stop_requested
+from .runctl import Budget, Stop, choices, compile_settings, stop_on_sigterm, stop_requested
 
 MODEL_NAMES = ("pixart", "flux")
 NORMS = ("layernorm", "dyt")
@@ -251,14 +251,6 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _list(arg: str, allowed) -> list[str]:
-    items = [a.strip() for a in arg.split(",") if a.strip()]
-    bad = [a for a in items if a not in allowed]
-    if bad:
-        raise SystemExit(f"unknown value(s) {bad}; choose from {list(allowed)}")
-    return items
-
-
 def _defaults(args) -> None:
     smoke = args.smoke
     for attr, full, small in (("preset", "seed", "small"), ("batch", 1024, 4), ("steps", 10, 2), ("repeats", 3, 1),
@@ -288,8 +280,8 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
         paths = report.write_section(out_dir, env, "models", section)
         print(f"models: skipped: {why}\nwrote {paths['json']}")
         return section
-    names, norms = _list(args.models, MODEL_NAMES), _list(args.norms, NORMS)
-    modes, kinds = _list(args.compile, COMPILE_MODES), _list(args.step_kinds, STEP_KINDS)
+    names, norms = choices(args.models, MODEL_NAMES), choices(args.norms, NORMS)
+    modes, kinds = choices(args.compile, COMPILE_MODES), choices(args.step_kinds, STEP_KINDS)
     # Eager configs first: they are cheap, and a compile can eat most of a short budget. The norms
     # are innermost so that a budget cut leaves whole layernorm/dyt pairs.
     configs = [(c == "compiled", n, nm, k) for c in modes for n in names for k in kinds for nm in norms]

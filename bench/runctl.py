@@ -10,6 +10,15 @@ from typing import Iterator
 import torch
 
 
+def choices(arg: str, allowed) -> list[str]:
+    """A comma-separated command-line list, each item checked against `allowed`."""
+    items = [a.strip() for a in arg.split(",") if a.strip()]
+    bad = [a for a in items if a not in allowed]
+    if bad:
+        raise SystemExit(f"unknown value(s) {bad}; choose from {list(allowed)}")
+    return items
+
+
 class Stop(Exception):
     """Raised in the main thread when SIGTERM arrives."""
 
