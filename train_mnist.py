@@ -55,9 +55,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model_overrides": {"pixart": {}, "flux": {}},
     },
     "small": {
-        "steps": {"pixart": 1500, "flux": 1500}, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
+        # Measured (README): FLUX DyT at patch 8 (16 tokens), batch 128, 1500 steps reached 96.3% guided
+        # conditional accuracy in 9 min, against 78.0% at patch 4 / batch 64.
+        "steps": {"pixart": 1500, "flux": 1500}, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100,
         "ema_decay": 0.995, "sample_every": 500, "checkpoint_every": 250, "loss_weighting": "simple",
-        "model_overrides": {"pixart": {}, "flux": {}},
+        "model_overrides": {"pixart": {"patch_size": 8}, "flux": {"patch_size": 8}},
     },
 }
 # Flags whose value shapes the training trajectory: a resumed run must use the checkpoint's.
