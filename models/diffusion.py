@@ -5,8 +5,9 @@ Both share one contract with the network: ``model(x_t, t, cond)`` returns a tens
 ``model.encode_prompts(list[str])`` builds ``cond``. Time follows each model's convention:
 
   DDPM            t = step index as float in [0, 1000); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps;
-                  the network predicts eps (the first C channels) and, optionally, a variance
-                  interpolation v in [-1, 1] (the next C channels, Improved DDPM).
+                  the network predicts eps (the first C channels; or, with prediction="v", the
+                  velocity sqrt(abar_t) eps - sqrt(1 - abar_t) x0) and, optionally, a variance
+                  interpolation in [-1, 1] (the next C channels, Improved DDPM).
   rectified flow  t in [0, 1] is the noise level; x_t = (1 - t) x0 + t eps; the network predicts the
                   velocity eps - x0, and sampling integrates dx/dt from t = 1 to 0 with Euler steps.
 
@@ -88,7 +89,20 @@ def _discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Ten
 
 
 class DDPM:
-    """DDPM with a linear beta schedule, eps-prediction, and three samplers.
+    """DDPM with a linear beta schedule, eps- (or v-) prediction, and two samplers.
+
+    ``prediction`` is what the network's first C channels estimate:
+
+    - ``"eps"``: the noise (DDPM, PixArt-alpha). The image estimate is
+      x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), so an eps error is multiplied by 1 / sqrt(SNR):
+      x157 at the noisiest step (abar = 4e-5). A network must reproduce x_t to about 1e-3 there before
+      its x0 is of any use, which small models trained briefly do not reach (README, "How the small
+      recipe was tuned").
+    - ``"v"``: v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022). Then
+      x0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) x_t + sqrt(abar) v: neither
+      amplifies the network's error. Same schedule, same samplers, same optimum.
+
+    Samplers:
 
     - ``"ddpm"``: ancestral sampling (the posterior variance, or the learned one), on all 1000 steps
       or on a respaced subset (Improved DDPM's respacing) when ``steps`` < 1000.
@@ -105,18 +119,22 @@ class DDPM:
 
     LOSS_WEIGHTINGS = ("simple", "min_snr", "trunc_snr")
 
+    PREDICTIONS = ("eps", "v")
+
     def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 loss_weighting: str = "simple", snr_gamma: float = 5.0):
+                 loss_weighting: str = "simple", snr_gamma: float = 5.0, prediction: str = "eps"):
         if loss_weighting not in self.LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {self.LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        self.num_steps = num_steps
+        if prediction not in self.PREDICTIONS:
+            raise ValueError(f"prediction must be one of {self.PREDICTIONS}, got {prediction!r}")
+        self.num_steps, self.prediction = num_steps, prediction
         # float64 for the schedule: 1 - prod(1 - beta) over 1000 steps loses digits in fp32.
         self.betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.loss_weighting, self.snr_gamma = loss_weighting, float(snr_gamma)
         snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
-        # Per-step weights on the eps MSE. All keep eps-prediction and its optimum (E[eps | x_t] at
-        # every step); they only move the training effort between noise levels:
+        # Per-step weights on the MSE of the prediction. None moves its optimum (E[target | x_t] at
+        # every step); they only move the training effort between noise levels (stated for eps):
         #   simple     1: DDPM's L_simple.
         #   min_snr    min(1, gamma / SNR): Min-SNR-gamma (Hang et al. 2023), damps the easy low-noise steps.
         #   trunc_snr  clamp(1 / SNR, 1, gamma): the x0 loss where 1 < 1/SNR < gamma (Salimans & Ho's
@@ -129,8 +147,8 @@ class DDPM:
 
     def config(self) -> dict:
         return {"kind": "ddpm", "num_steps": self.num_steps, "beta_start": float(self.betas[0]),
-                "beta_end": float(self.betas[-1]), "loss_weighting": self.loss_weighting,
-                "snr_gamma": self.snr_gamma}
+                "beta_end": float(self.betas[-1]), "prediction": self.prediction,
+                "loss_weighting": self.loss_weighting, "snr_gamma": self.snr_gamma}
 
     def _abar(self, t: Tensor) -> Tensor:
         """abar at integer steps t; t = -1 means "before the first step" (abar = 1)."""
@@ -141,19 +159,34 @@ class DDPM:
         abar = self._abar(t).float()
         return _expand(abar.sqrt(), x0) * x0 + _expand((1 - abar).sqrt(), x0) * noise
 
+    def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the network learns to predict at step t: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+        if self.prediction == "eps":
+            return noise
+        abar = self._abar(t).float()
+        return _expand(abar.sqrt(), x0) * noise - _expand((1 - abar).sqrt(), x0) * x0
+
+    def split(self, pred: Tensor, xt: Tensor, abar: Tensor) -> tuple[Tensor, Tensor]:
+        """(eps, x0) implied by the network's prediction at x_t (abar per sample, float)."""
+        a, s = _expand(abar.sqrt(), xt), _expand((1 - abar).sqrt(), xt)
+        if self.prediction == "eps":
+            return pred, (xt - s * pred) / a
+        return s * xt + a * pred, a * xt - s * pred
+
     def training_loss(self, model, x0: Tensor, cond: Any, generator: torch.Generator | None = None) -> Tensor:
-        """MSE on eps at a uniform random step (weighted per step, see __init__); plus Improved DDPM's variational bound term for the
-        variance channels when the network predicts its variance (its mean is detached there, so
-        the bound trains only the variance, as in DiT)."""
+        """MSE on the prediction (eps or v) at a uniform random step (weighted per step, see __init__);
+        plus Improved DDPM's variational bound term for the variance channels when the network
+        predicts its variance (its mean is detached there, so the bound trains only the variance, as in DiT)."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_steps, (B,), generator=generator, device=x0.device)
         noise = _randn(x0.shape, generator, x0.device, x0.dtype)
         xt = self.q_sample(x0, t, noise)
         out = model(xt, t.float(), cond).float()
-        per_sample = (out[:, :C] - noise).pow(2).flatten(1).mean(1)
+        per_sample = (out[:, :C] - self.target(x0, t, noise)).pow(2).flatten(1).mean(1)
         loss = (per_sample * self.loss_weights.to(x0.device)[t]).mean()
         if out.shape[1] == 2 * C:
-            loss = loss + self._vb_term(out[:, :C].detach(), out[:, C:], x0, xt, t).mean()
+            eps = self.split(out[:, :C].detach(), xt, self._abar(t).float())[0]
+            loss = loss + self._vb_term(eps, out[:, C:], x0, xt, t).mean()
         elif out.shape[1] != C:
             raise ValueError(f"model output must have {C} or {2 * C} channels, got {tuple(out.shape)}")
         return loss
@@ -214,8 +247,7 @@ class DDPM:
             abar_t = self._abar(t_vec).float()
             abar_prev = self._abar(torch.full_like(t_vec, t_prev)).float()
             out = denoiser(x, t_vec.float()).float()
-            eps = out[:, :C]
-            x0 = (x - _expand((1 - abar_t).sqrt(), x) * eps) / _expand(abar_t.sqrt(), x)
+            eps, x0 = self.split(out[:, :C], x, abar_t)
             if clip_x0:
                 # Clip the predicted image to the data range, then re-derive eps from it (as DiT's DDIM).
                 x0 = x0.clamp(-1, 1)
@@ -305,10 +337,10 @@ class RectifiedFlow:
 
 
 def make_diffusion(kind: str, image_seq_len: int = 16, loss_weighting: str = "simple",
-                   snr_gamma: float = 5.0) -> DDPM | RectifiedFlow:
+                   snr_gamma: float = 5.0, prediction: str = "eps") -> DDPM | RectifiedFlow:
     """The process a model trains with: "ddpm" (PixArt-alpha) or "rectified_flow" (FLUX)."""
     if kind == "ddpm":
-        return DDPM(loss_weighting=loss_weighting, snr_gamma=snr_gamma)
+        return DDPM(loss_weighting=loss_weighting, snr_gamma=snr_gamma, prediction=prediction)
     if kind == "rectified_flow":
         return RectifiedFlow(image_seq_len)
     raise ValueError(f"diffusion kind must be 'ddpm' or 'rectified_flow', got {kind!r}")

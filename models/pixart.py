@@ -74,7 +74,8 @@ class PixArtAlpha(nn.Module):
 
     ``forward(x, t, cond)``: x (B, C, image_size, image_size); t the DDPM step index, a float or
     long tensor (B,) in [0, 1000); cond the TextEncoding from ``encode_prompts``. Returns the
-    predicted noise (B, C, H, W), or (B, 2C, H, W) with learn_sigma (noise, then variance values).
+    prediction (B, C, H, W): the noise, or v under ``DDPM(prediction="v")``; (B, 2C, H, W) with
+    learn_sigma (the prediction, then variance values).
 
     >>> import torch
     >>> from models import build_model

@@ -87,6 +87,23 @@ def test_few_steps_each_model_and_norm(tmp_path, model, norm, digit_folder):
     assert len(rows) == 8 and all(len(r.split()) == 8 for r in rows)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 3 and state["config"]["norm"] == norm
+    if model == "pixart":  # the small recipe's DDPM predicts v, and the checkpoint says so
+        assert state["run_info"]["diffusion"]["prediction"] == state["config"]["prediction"] == "v"
+
+
+@pytest.mark.parametrize("model", ["pixart", "flux"])
+def test_recipe_values_follow_the_model_and_flags_win(model):
+    parser = train_mnist.train_parser()
+    cfg = train_mnist.resolve_config(train_mnist.parse_args(parser, ["--model", model, "--preset", "small"]),
+                                     torch.device("cpu"), 1)
+    recipe = train_mnist.RECIPES["small"]
+    for key in ("steps", "lr", "loss_weighting"):
+        want = recipe[key][model] if isinstance(recipe[key], dict) else recipe[key]
+        assert cfg[key] == want, key
+    assert cfg["model_overrides"] == recipe["model_overrides"][model]
+    args = train_mnist.parse_args(parser, ["--model", model, "--preset", "small", "--lr", "0.5", "--steps", "7"])
+    cfg = train_mnist.resolve_config(args, torch.device("cpu"), 1)
+    assert cfg["lr"] == 0.5 and cfg["steps"] == 7
 
 
 def test_eval_reports_accuracy_and_fid(tmp_path, digit_folder):
@@ -265,6 +282,21 @@ def test_sample_command_writes_grid_and_prompts(tmp_path, digit_folder):
     assert open(os.path.splitext(result["path"])[0] + ".txt").read().split() == result["prompts"]
 
 
+def test_sample_command_uses_the_checkpoints_prediction(tmp_path, digit_folder):
+    run_train(tmp_path, "pixart", "dyt", digit_folder, "--steps", "1", "--prediction", "v")
+    ckpt = tmp_path / "out" / "checkpoint.pt"
+    result = train_mnist.main(["sample", "--checkpoint", str(ckpt), "--prompts", "3", "--num-samples", "2",
+                               "--sampling-steps", "2", "--seed", "5", "--out", str(tmp_path / "s")])
+    state = load_checkpoint(ckpt)
+    model = build_model("pixart", state["config"]["preset"], "dyt", **state["config"]["model_overrides"])
+    model.load_state_dict(train_mnist.ema_weights(state["ema"]))
+    for prediction, same in (("v", True), ("eps", False)):
+        images = train_mnist.generate(model, DDPM(prediction=prediction), ["3", "3"], guidance=4.0, steps=2,
+                                      sampler="ddim", in_channels=1, image_size=32, device=torch.device("cpu"),
+                                      seed=5)
+        assert torch.equal(images, result["images"]) == same, prediction
+
+
 # ------------------------------------------------------------------------------------------ diffusion
 
 def point_mass_denoisers(x_star):
@@ -287,6 +319,33 @@ def test_ddpm_samplers_recover_a_point_mass(sampler, steps):
     ddpm, eps, _ = point_mass_denoisers(x_star)
     x = ddpm.sample(eps, (3, 1, 8, 8), steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x, x_star.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_v_prediction_samplers_recover_a_point_mass(sampler):
+    x_star = torch.rand(1, 1, 8, 8) * 1.6 - 0.8
+    ddpm, eps, _ = point_mass_denoisers(x_star)
+    vddpm = DDPM(prediction="v")
+
+    def v(x, t):  # the exact v for point-mass data, from the exact eps
+        abar = ddpm.alphas_cumprod[t.long()].float().view(-1, 1, 1, 1)
+        return abar.sqrt() * eps(x, t) - (1 - abar).sqrt() * x_star
+    x = vddpm.sample(v, (3, 1, 8, 8), steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, x_star.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_v_target_and_split_invert_each_other():
+    ddpm = DDPM(prediction="v")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(5, 1, 4, 4, generator=g) * 2 - 1, torch.randn(5, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 500, 990, 999])
+    xt = ddpm.q_sample(x0, t, noise)
+    eps, x0_back = ddpm.split(ddpm.target(x0, t, noise), xt, ddpm._abar(t).float())
+    # fp32 round trip of unit-scale values: a few ulps of 1.
+    torch.testing.assert_close(eps, noise, atol=2e-6, rtol=0)
+    torch.testing.assert_close(x0_back, x0, atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="prediction"):
+        DDPM(prediction="x0")
 
 
 def test_euler_recovers_a_point_mass_and_schedule_is_shifted():
