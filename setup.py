@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "scipy", "mlxtend"]
+TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "mlxtend"]
 
 setup(
     name="dyt_kernels",
@@ -16,7 +16,8 @@ setup(
         "train": TRAIN,
         # Benchmarks: plots; liger-kernel is optional (a baseline when importable).
         "bench": ["matplotlib"],
-        # The test suite covers everything, training and the benchmark harness included.
-        "dev": ["pytest>=8"] + TRAIN,
+        # The test suite covers everything, training and the benchmark harness included; scipy
+        # cross-checks the FID's matrix square root.
+        "dev": ["pytest>=8", "scipy"] + TRAIN,
     },
 )
