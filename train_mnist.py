@@ -108,7 +108,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--ema-decay", type=float, help="EMA decay of the weights used for sampling (default: the preset's)")
     a("--loss-weighting", choices=DDPM.LOSS_WEIGHTINGS,
-      help="PixArt's per-step weight on the eps MSE: simple (DDPM), min_snr, trunc_snr (default: the preset's)")
+      help="PixArt's per-step weight on the MSE of its prediction (eps or v): simple (DDPM), min_snr, "
+           "trunc_snr (default: the preset's)")
     a("--prediction", choices=DDPM.PREDICTIONS,
       help="what PixArt's network predicts: eps (DDPM) or v (Salimans & Ho); default: the preset's")
     a("--snr-gamma", type=float, default=5.0, help="gamma of min_snr / the cap of trunc_snr")

@@ -142,6 +142,8 @@ class DDPM:
         #              by s, so it barely trains the noisy steps (SNR 0.01-0.2, t ~ 400-700 here) where
         #              a sample's class is decided; uncapped, the x0 loss at t -> 999 (1/SNR ~ 25,000)
         #              demands an eps exact to 1e-3 and swamps every other step.
+        # Under v-prediction the same weights multiply the v MSE, which is the x0 MSE times 1 + SNR; so
+        # min_snr caps that x0 weight at about 1 + gamma (not Min-SNR's own v form, min(SNR, gamma) / (1 + SNR)).
         self.loss_weights = {"simple": torch.ones_like(snr), "min_snr": (self.snr_gamma / snr).clamp(max=1.0),
                              "trunc_snr": (1.0 / snr).clamp(min=1.0, max=self.snr_gamma)}[loss_weighting].float()
 
