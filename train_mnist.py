@@ -41,7 +41,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E
 from models import build_model, count_parameters
 from models.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from models.data import ImageSet, StepBatches, load_dataset, make_prompts, to_model_range
-from models.diffusion import DDPM, RectifiedFlow, default_sampler, make_denoiser, make_diffusion
+from models.diffusion import DDPM, default_sampler, make_denoiser, make_diffusion
 
 # ------------------------------------------------------------------------------------------ recipes
 # What --preset sets when a flag is not given. "seed" is the seed's GPU recipe (batch 1024, bf16 on
