@@ -19,6 +19,16 @@ def _shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _finite(name: str, value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, (bool, str, bytes)) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
 class DyT(nn.Module):
     """Dynamic Tanh, ``weight * tanh(alpha * x) + bias``: replaces ``nn.LayerNorm`` one word for one.
 
@@ -49,7 +59,7 @@ class DyT(nn.Module):
                              f"got {normalized_shape!r}")
         self.eps = math.nan
         self.elementwise_affine = elementwise_affine
-        self.alpha_init_value = float(alpha_init_value)
+        self.alpha_init_value = _finite("alpha_init_value", alpha_init_value)
         self.alpha_per_channel = alpha_per_channel
         self.channels_last = channels_last
         factory = {"device": device, "dtype": dtype}
@@ -113,7 +123,7 @@ class ModulatedDyT(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
-        self.alpha_init_value = float(alpha_init_value)
+        self.alpha_init_value = _finite("alpha_init_value", alpha_init_value)
         factory = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.full((1,), self.alpha_init_value, **factory))
         if elementwise_affine:

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import dyt_kernels
-from dyt_kernels import DyT, convert_layernorm_to_dyt, dyt, get_backend, reference, use_backend
+from dyt_kernels import DyT, ModulatedDyT, convert_layernorm_to_dyt, dyt, get_backend, reference, use_backend
 from helpers import TANH_F32_ABS_ERR, max_abs_err
 
 
@@ -176,6 +176,13 @@ def test_module_wrong_trailing_shape(device):
         DyT((4, 8), device=device)(torch.randn(2, 8, 4, device=device))
     with pytest.raises(ValueError, match="normalized_shape must be positive"):
         DyT((4, 0))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, "0.5", None, True])
+def test_module_alpha_init_value_must_be_finite(value):
+    for make in (lambda: DyT(8, alpha_init_value=value), lambda: ModulatedDyT(8, alpha_init_value=value)):
+        with pytest.raises(ValueError, match="alpha_init_value must be a finite number"):
+            make()
 
 
 def test_module_dtype(device):
