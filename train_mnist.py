@@ -57,10 +57,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small": {
         # Tuned on the 2-core CPU (README "How the small recipe was tuned"): patch 8 (16 tokens) and
         # batch 128 for both; PixArt-alpha's DDPM predicts v (eps reached 12%), at lr 3e-3 with min-SNR.
+        # FLUX's QK-norm DyTs start at RMSNorm's output scale (alpha0 4, weight0 2; at alpha0 0.5 the attention
+        # logits start with a spread of 0.006, not 1, and DyT FLUX trailed LayerNorm); an RMSNorm ignores both.
         "steps": {"pixart": 2000, "flux": 1500}, "batch_size": 128, "lr": {"pixart": 3e-3, "flux": 2e-3},
         "warmup_steps": 100, "ema_decay": 0.995, "sample_every": 500, "checkpoint_every": 250,
         "loss_weighting": {"pixart": "min_snr", "flux": "simple"}, "prediction": "v",
-        "model_overrides": {"pixart": {"patch_size": 8}, "flux": {"patch_size": 8}},
+        "model_overrides": {"pixart": {"patch_size": 8},
+                            "flux": {"patch_size": 8, "qk_alpha_init": 4.0, "qk_weight_init": 2.0}},
     },
 }
 # Flags whose value shapes the training trajectory: a resumed run must use the checkpoint's.

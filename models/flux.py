@@ -10,6 +10,12 @@ Two deliberate differences: padding text tokens are masked out of the joint atte
 here are one or two words in a fixed-length slot), and the image tokens come from patchify + img_in
 on pixels instead of from 2x2-packed VAE latents.
 
+QK-norm under DyT: weight * tanh(alpha * q) per head, starting at alpha0 = qk_alpha_init and weight0 =
+qk_weight_init (0.5 and 1 in both presets, the paper's DyT). The projections hand it q and k with an RMS of
+0.03-0.17 at initialization, so at those values the attention logits start with a standard deviation of
+~0.006 where RMSNorm starts them at ~1; train_mnist's small recipe starts the DyT at RMSNorm's output
+scale instead (alpha0 4, weight0 2).
+
 Fusion: in a double block the attention's gated residual is added inside norm2's call; every block
 hands its last gated residual on as pending (see layers.py), so it is added inside the next block's
 first norm (or the final norm) call. It is settled with a plain add only where the two streams are
@@ -23,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dyt_kernels import DyT
+
 from .layers import (NORMS, QK_NORMS, Mlp, MLPEmbedder, Pending, QKNorm, SelfAttention, add_pending, apply_rope,
-                     attention, check_choice, check_forward_args, check_image_config, default_rope_axes,
+                     attention, check_choice, check_finite, check_forward_args, check_image_config, default_rope_axes,
                      image_position_ids, modulate_pending, modulated_norm, patchify, rope_angles, split_heads,
                      timestep_embedding, unpatchify)
 from .text import TextEncoder, TextEncoding
@@ -34,10 +42,12 @@ from .text import TextEncoder, TextEncoding
 FLUX_PRESETS = {
     # The seed's configuration (xdiffusion's flux_dyt on 32x32 MNIST).
     "seed": dict(patch_size=8, hidden_size=384, depth_double=6, depth_single=12, num_heads=6, mlp_ratio=4.0,
-                 rope_axes=[16, 24, 24], rope_theta=10000.0, text_dim=256, text_depth=2, text_heads=4, text_len=8),
+                 rope_axes=[16, 24, 24], rope_theta=10000.0, qk_alpha_init=0.5, qk_weight_init=1.0, text_dim=256,
+                 text_depth=2, text_heads=4, text_len=8),
     # CPU-sized: patch 4 on 32x32 -> 64 image tokens, head_dim 32 -> rope axes [8, 12, 12], ~2.4M parameters.
     "small": dict(patch_size=4, hidden_size=128, depth_double=2, depth_single=4, num_heads=4, mlp_ratio=4.0,
-                  rope_axes=None, rope_theta=10000.0, text_dim=64, text_depth=2, text_heads=2, text_len=4),
+                  rope_axes=None, rope_theta=10000.0, qk_alpha_init=0.5, qk_weight_init=1.0, text_dim=64,
+                  text_depth=2, text_heads=2, text_len=4),
 }
 
 QK_NORM_FOR = {"dyt": "dyt", "layernorm": "rmsnorm"}
@@ -156,13 +166,16 @@ class Flux(nn.Module):
     def __init__(self, text_encoder: TextEncoder, *, in_channels: int = 1, image_size: int = 32,
                  patch_size: int = 8, hidden_size: int = 384, depth_double: int = 6, depth_single: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, rope_axes: Sequence[int] | None = None,
-                 rope_theta: float = 10000.0, norm: str = "dyt", qk_norm: str | None = None) -> None:
+                 rope_theta: float = 10000.0, norm: str = "dyt", qk_norm: str | None = None,
+                 qk_alpha_init: float = 0.5, qk_weight_init: float = 1.0) -> None:
         super().__init__()
         check_choice("norm", norm, NORMS)
         qk_norm = QK_NORM_FOR[norm] if qk_norm is None else check_choice("qk_norm", qk_norm, QK_NORMS)
         check_image_config(in_channels, image_size, patch_size)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        qk_alpha_init, qk_weight_init = check_finite("qk_alpha_init", qk_alpha_init), check_finite(
+            "qk_weight_init", qk_weight_init)
         head_dim = hidden_size // num_heads
         rope_axes = default_rope_axes(head_dim) if rope_axes is None else list(rope_axes)
         if len(rope_axes) != 3 or sum(rope_axes) != head_dim or any(d < 0 or d % 2 for d in rope_axes):
@@ -176,14 +189,23 @@ class Flux(nn.Module):
         self.time_in = MLPEmbedder(256, hidden_size)
         self.vector_in = MLPEmbedder(text_encoder.pooled_dim, hidden_size)
         self.txt_in = nn.Linear(text_encoder.token_dim, hidden_size)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, norm, qk_norm) for _ in range(depth_double))
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(hidden_size, num_heads, mlp_ratio, norm, qk_norm) for _ in range(depth_single))
+        block_args = (hidden_size, num_heads, mlp_ratio, norm, qk_norm)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(*block_args) for _ in range(depth_double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(*block_args) for _ in range(depth_single))
         self.final_layer = LastLayer(hidden_size, patch_size ** 2 * in_channels, norm)
         # Trained from scratch here: start from a zero prediction, as DiT and PixArt do.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        # Where the QK-norm is DyT, where it starts: weight * tanh(alpha * q) with alpha0 = qk_alpha_init and
+        # weight0 = qk_weight_init (README "How the small recipe was tuned"). An RMSNorm has neither knob.
+        self.qk_alpha_init, self.qk_weight_init = qk_alpha_init, qk_weight_init
+        with torch.no_grad():
+            qk_dyts = [m for block in self.modules() if isinstance(block, QKNorm) for m in block.children()
+                       if isinstance(m, DyT)]
+            for qk in qk_dyts:
+                qk.alpha_init_value = self.qk_alpha_init
+                qk.alpha.fill_(self.qk_alpha_init)
+                qk.weight.fill_(self.qk_weight_init)
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextEncoding:
         """The conditioning for forward, differentiable into the text encoder."""

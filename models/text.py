@@ -111,6 +111,12 @@ class TinyTextEncoder(nn.Module):
     The pooled vector is the end token's final state (CLIP pools at its end token too), so
     pooled_dim = token_dim = dim.
 
+    Embeddings start at std 0.02 under LayerNorm, whose first norm rescales them to unit size. DyT does
+    not rescale, so under DyT they start at unit size themselves (token and position std 1/sqrt(2)):
+    from 0.02, the encoder's output tokens start with an RMS of 0.06 (LayerNorm's: 1.0; from unit
+    size: 0.42), too faint a condition for the diffusion model to pick up quickly (README "How the
+    small recipe was tuned").
+
     >>> enc = TinyTextEncoder(dim=32, depth=1, num_heads=2, max_length=4)
     >>> out = enc(["7", "seven", ""])
     >>> out.tokens.shape, out.mask.shape, out.pooled.shape
@@ -126,8 +132,9 @@ class TinyTextEncoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(max_length, dim))
         self.layers = nn.ModuleList(TextLayer(dim, num_heads, norm) for _ in range(depth))
         self.final_norm = plain_norm(dim, norm)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding, std=0.02)
+        std = 0.02 if norm == "layernorm" else 2 ** -0.5
+        nn.init.normal_(self.token_embedding.weight, std=std)
+        nn.init.normal_(self.position_embedding, std=std)
 
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         ids, mask = self.tokenizer(prompts, device=self.position_embedding.device)

@@ -118,6 +118,25 @@ def test_flux_qk_norm_can_differ_from_norm():
     assert DyT in found and ModulatedLayerNorm in found and nn.RMSNorm not in found
 
 
+def test_flux_qk_init_sets_only_the_qk_dyts():
+    model = tiny("flux", "dyt", qk_alpha_init=4.0, qk_weight_init=2.0)
+    qk = {id(m) for block in model.modules() if type(block).__name__ == "QKNorm" for m in block.children()}
+    dyts = [(id(m) in qk, m) for m in model.modules() if isinstance(m, (DyT, ModulatedDyT))]
+    assert sum(is_qk for is_qk, _ in dyts) == 2 * (2 * 2 + 2)  # q and k: 2 double blocks x 2 streams, 2 single
+    for is_qk, m in dyts:
+        assert m.alpha.item() == m.alpha_init_value == (4.0 if is_qk else 0.5)
+        if m.weight is not None:
+            assert set(m.weight.tolist()) == ({2.0} if is_qk else {1.0})
+    assert FLUX_PRESETS["seed"]["qk_alpha_init"] == 0.5  # the seed's DyT everywhere at alpha0 0.5
+    assert FLUX_PRESETS["seed"]["qk_weight_init"] == 1.0
+    # An RMSNorm QK-norm has neither knob; it is built as without them.
+    torch.manual_seed(0)
+    plain = tiny("flux", "layernorm").state_dict()
+    torch.manual_seed(0)
+    knobs = tiny("flux", "layernorm", qk_alpha_init=4.0, qk_weight_init=2.0).state_dict()
+    assert all(torch.equal(plain[k], knobs[k]) for k in plain)
+
+
 def forward_backward(model, x, t, backend):
     """Output and parameter gradients of a squared-output loss, under the given backend."""
     model.zero_grad()
@@ -273,6 +292,15 @@ def test_text_encoder_pooled_is_the_end_token_state():
     torch.testing.assert_close(enc.pooled[1], enc.tokens[1, 3])
 
 
+@pytest.mark.parametrize("norm, std", [("layernorm", 0.02), ("dyt", 2 ** -0.5)])
+def test_text_embeddings_start_at_the_scale_the_first_layer_sees(norm, std):
+    """LayerNorm rescales std-0.02 embeddings to unit size; DyT does not, so under DyT they start there."""
+    torch.manual_seed(0)
+    enc = build_model("flux", "small", norm=norm).text_encoder
+    for p in (enc.token_embedding.weight, enc.position_embedding):
+        assert abs(p.std().item() / std - 1) < 0.15  # 31 x 64 and 4 x 64 draws: 15% is over 3 sigma
+
+
 class FixedTextEncoder(nn.Module):
     """A stand-in for a pretrained encoder, with token and pooled widths unlike the built-in one."""
     token_dim, pooled_dim = 12, 7
@@ -357,6 +385,8 @@ def test_presets():
     (("pixart", "small"), {"qk_norm": "dyt"}, "unknown pixart override"),
     (("flux", "small"), {"depth": 3}, "unknown flux override"),
     (("flux", "small"), {"rope_axes": [8, 8, 8]}, "rope_axes"),
+    (("flux", "small"), {"qk_alpha_init": float("nan")}, "qk_alpha_init must be a finite number"),
+    (("flux", "small"), {"qk_weight_init": "2"}, "qk_weight_init must be a finite number"),
     (("pixart", "small"), {"num_heads": 5}, "divisible by num_heads"),
 ])
 def test_build_model_errors(args, kwargs, match):
