@@ -1,10 +1,23 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_finite(name: str, value: object) -> float:
+    """A plain finite number (int, float or a numpy scalar; not a bool or a string), as a float."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, (bool, str, bytes)) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def shape_str(t: Tensor) -> str:

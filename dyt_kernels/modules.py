@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_finite
 from .functional import dyt, dyt_modulate
 
 
@@ -17,16 +18,6 @@ def _shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
     return shape
-
-
-def _finite(name: str, value: object) -> float:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, (bool, str, bytes)) or not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 class DyT(nn.Module):
@@ -59,7 +50,7 @@ class DyT(nn.Module):
                              f"got {normalized_shape!r}")
         self.eps = math.nan
         self.elementwise_affine = elementwise_affine
-        self.alpha_init_value = _finite("alpha_init_value", alpha_init_value)
+        self.alpha_init_value = check_finite("alpha_init_value", alpha_init_value)
         self.alpha_per_channel = alpha_per_channel
         self.channels_last = channels_last
         factory = {"device": device, "dtype": dtype}
@@ -123,7 +114,7 @@ class ModulatedDyT(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
-        self.alpha_init_value = _finite("alpha_init_value", alpha_init_value)
+        self.alpha_init_value = check_finite("alpha_init_value", alpha_init_value)
         factory = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.full((1,), self.alpha_init_value, **factory))
         if elementwise_affine:

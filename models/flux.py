@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dyt_kernels import DyT
+from dyt_kernels._checks import check_finite
 
 from .layers import (NORMS, QK_NORMS, Mlp, MLPEmbedder, Pending, QKNorm, SelfAttention, add_pending, apply_rope,
-                     attention, check_choice, check_finite, check_forward_args, check_image_config, default_rope_axes,
+                     attention, check_choice, check_forward_args, check_image_config, default_rope_axes,
                      image_position_ids, modulate_pending, modulated_norm, patchify, rope_angles, split_heads,
                      timestep_embedding, unpatchify)
 from .text import TextEncoder, TextEncoding
