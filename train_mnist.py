@@ -119,7 +119,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping threshold")
     a("--cfg-dropout", type=float, default=0.2, help="share of training prompts replaced by '' for guidance")
     a("--model-override", type=_override, action="append", dest="model_override", metavar="KEY=VALUE",
-      help="change one model preset key, e.g. hidden_size=192 (repeatable; see models.PIXART_PRESETS)")
+      help="change one model preset key, e.g. hidden_size=192 or, for FLUX, qk_norm=rmsnorm, qk_alpha_init=4 "
+           "(repeatable; see models.PIXART_PRESETS / FLUX_PRESETS)")
     a("--out", help="output directory (default: runs/<model>-<norm>-<preset>)")
     a("--data", default="mnist", help="'mnist', or a folder of images with a labels.txt/.csv ('file,label' lines)")
     a("--labels-file", help="labels file for --data FOLDER (default: FOLDER/labels.txt|csv|tsv)")
