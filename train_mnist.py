@@ -70,6 +70,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 TRAJECTORY_KEYS = ("model", "norm", "preset", "batch_size", "lr", "warmup_steps", "weight_decay", "ema_decay",
                    "loss_weighting", "snr_gamma", "prediction",
                    "grad_clip", "cfg_dropout", "seed", "data", "image_size", "model_overrides", "precision")
+# Keys a checkpoint written before they existed lacks, with the value those runs used.
+LEGACY_CONFIG = {"prediction": "eps"}
 DEFAULT_GUIDANCE = 4.0
 
 
@@ -406,7 +408,7 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
 def merge_resume_config(cfg: dict, saved: dict, given: set[str], path: str) -> dict:
     """A resumed run continues with the checkpoint's trajectory flags; contradicting one is an error."""
     given = given | ({"model_overrides"} if "model_override" in given else set())
-    saved = {"prediction": "eps", **saved}  # checkpoints from before --prediction were eps-prediction
+    saved = {**LEGACY_CONFIG, **saved}
     for key in TRAJECTORY_KEYS:
         if key in given and cfg[key] != saved[key]:
             raise SystemExit(f"--resume {path}: the checkpoint was trained with {key}={saved[key]!r}, "
@@ -640,8 +642,8 @@ def sample(argv: list[str]) -> dict[str, Any]:
     model = build_model(cfg["model"], cfg["preset"], cfg["norm"], in_channels=info["in_channels"],
                         image_size=cfg["image_size"], **cfg["model_overrides"]).to(device)
     model.load_state_dict(ema_weights(state["ema"]) if args.weights == "ema" else state["model"])
-    # Checkpoints from before --prediction existed were all eps-prediction.
-    diffusion = diffusion_for(cfg["model"], model, cfg["image_size"], prediction=cfg.get("prediction", "eps"))
+    diffusion = diffusion_for(cfg["model"], model, cfg["image_size"],
+                              prediction={**LEGACY_CONFIG, **cfg}["prediction"])
     sampler = args.sampler or default_sampler(diffusion)
     if args.prompts:
         given = [p.strip() for p in (args.prompts.split(",") if "," in args.prompts else args.prompts.split())]
