@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -36,10 +37,12 @@ def check_input(name: str, x: object, min_dim: int = 1) -> Tensor:
 
 def as_alpha(alpha: object, x: Tensor, channels: int) -> Tensor:
     """alpha as a 1-D tensor of 1 (shared) or `channels` (per-channel) elements."""
-    if isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool):
+        raise TypeError(f"alpha must be a real number or a torch.Tensor, got bool {alpha!r}")
+    if isinstance(alpha, numbers.Real):  # Python and numpy scalars
         return torch.full((1,), float(alpha), device=x.device, dtype=torch.float32)
     if not isinstance(alpha, Tensor):
-        raise TypeError(f"alpha must be a float or a torch.Tensor, got {type(alpha).__name__}")
+        raise TypeError(f"alpha must be a real number or a torch.Tensor, got {type(alpha).__name__}")
     if alpha.numel() != 1 and tuple(alpha.shape) != (channels,):
         raise ValueError(
             f"alpha must have 1 element (scalar) or shape ({channels},) (per channel), got {shape_str(alpha)}"

@@ -28,9 +28,10 @@ class DyT(nn.Module):
     ``.eps`` (PyTorch's fused TransformerEncoderLayer inference path, which requires
     ``norm1.eps == norm2.eps``) never mistakes a DyT for a LayerNorm.
 
-    Args beyond LayerNorm's: ``alpha_init_value`` (0.5 in the paper), ``alpha_per_channel`` (one
-    alpha per element of normalized_shape instead of one shared scalar) and ``channels_last``
-    (False: normalize dim 1 of an (N, C, ...) tensor, as in ConvNeXt; normalized_shape is then C).
+    Args beyond LayerNorm's: ``alpha_init_value`` (0.5 in the paper), ``weight_init_value`` (1, where
+    ``reset_parameters`` starts the weight), ``alpha_per_channel`` (one alpha per element of
+    normalized_shape instead of one shared scalar) and ``channels_last`` (False: normalize dim 1 of an
+    (N, C, ...) tensor, as in ConvNeXt; normalized_shape is then C).
 
     >>> import torch
     >>> from dyt_kernels import DyT
@@ -42,7 +43,7 @@ class DyT(nn.Module):
     def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
                  alpha_init_value: float = 0.5, alpha_per_channel: bool = False,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, weight_init_value: float = 1.0) -> None:
         super().__init__()
         self.normalized_shape = _shape_tuple(normalized_shape)
         if not channels_last and len(self.normalized_shape) != 1:
@@ -51,6 +52,7 @@ class DyT(nn.Module):
         self.eps = math.nan
         self.elementwise_affine = elementwise_affine
         self.alpha_init_value = check_finite("alpha_init_value", alpha_init_value)
+        self.weight_init_value = check_finite("weight_init_value", weight_init_value)
         self.alpha_per_channel = alpha_per_channel
         self.channels_last = channels_last
         factory = {"device": device, "dtype": dtype}
@@ -70,7 +72,7 @@ class DyT(nn.Module):
         with torch.no_grad():
             self.alpha.fill_(self.alpha_init_value)
             if self.weight is not None:
-                self.weight.fill_(1.0)
+                self.weight.fill_(self.weight_init_value)
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -92,7 +94,8 @@ class DyT(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, alpha_init_value={self.alpha_init_value}, "
-                f"alpha_per_channel={self.alpha_per_channel}, elementwise_affine={self.elementwise_affine}, "
+                f"weight_init_value={self.weight_init_value}, alpha_per_channel={self.alpha_per_channel}, "
+                f"elementwise_affine={self.elementwise_affine}, "
                 f"bias={self.bias is not None}, channels_last={self.channels_last}")
 
 
@@ -113,6 +116,8 @@ class ModulatedDyT(nn.Module):
     def __init__(self, hidden_size: int, *, elementwise_affine: bool = False, alpha_init_value: float = 0.5,
                  device=None, dtype=None) -> None:
         super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.hidden_size = hidden_size
         self.alpha_init_value = check_finite("alpha_init_value", alpha_init_value)
         factory = {"device": device, "dtype": dtype}
@@ -126,6 +131,9 @@ class ModulatedDyT(nn.Module):
 
     def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Tensor | None = None,
                 gate: Tensor | None = None):
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, L, D) with D=hidden_size={self.hidden_size}, got {shape}")
         return dyt_modulate(x, self.alpha, shift, scale, self.weight, self.bias, residual=residual, gate=gate)
 
     def extra_repr(self) -> str:

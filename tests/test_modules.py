@@ -496,3 +496,35 @@ def test_backward_runs_on_the_forward_backend(monkeypatch, device):
     monkeypatch.setattr(reference, "dyt_backward", boom)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_weight_init_value_is_where_reset_parameters_starts(device):
+    norm = DyT(6, weight_init_value=2.5, device=device)
+    assert torch.equal(norm.weight, torch.full((6,), 2.5, device=device))
+    with torch.no_grad():
+        norm.weight.zero_()
+    norm.reset_parameters()
+    assert torch.equal(norm.weight, torch.full((6,), 2.5, device=device))
+    with pytest.raises(ValueError, match="weight_init_value must be a finite number"):
+        DyT(6, weight_init_value=float("inf"))
+
+
+def test_modulated_dyt_checks_hidden_size(device):
+    norm = ModulatedDyT(384, device=device)
+    x, mod = torch.randn(2, 3, 16, device=device), torch.zeros(2, 16, device=device)
+    with pytest.raises(ValueError, match=r"D=hidden_size=384, got \(2, 3, 16\)"):
+        norm(x, mod, mod)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+            ModulatedDyT(bad)
+
+
+def test_alpha_accepts_numpy_scalars_and_refuses_bools(device):
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 8, device=device)
+    with use_backend("torch"):
+        expected = dyt(x, 0.5)
+        assert torch.equal(dyt(x, np.float32(0.5)), expected)
+        assert torch.equal(dyt(x, np.float64(0.5)), expected)
+        with pytest.raises(TypeError, match="alpha must be a real number or a torch.Tensor, got bool"):
+            dyt(x, True)
