@@ -37,13 +37,13 @@ def check_input(name: str, x: object, min_dim: int = 1) -> Tensor:
 
 def as_alpha(alpha: object, x: Tensor, channels: int) -> Tensor:
     """alpha as a 1-D tensor of 1 (shared) or `channels` (per-channel) elements."""
-    if isinstance(alpha, bool):
-        raise TypeError(f"alpha must be a real number or a torch.Tensor, got bool {alpha!r}")
-    if isinstance(alpha, numbers.Real):  # Python and numpy scalars
-        return torch.full((1,), float(alpha), device=x.device, dtype=torch.float32)
     if not isinstance(alpha, Tensor):
+        if isinstance(alpha, bool):
+            raise TypeError(f"alpha must be a real number or a torch.Tensor, got bool {alpha!r}")
+        if isinstance(alpha, numbers.Real):  # Python and numpy scalars
+            return torch.full((1,), float(alpha), device=x.device, dtype=torch.float32)
         raise TypeError(f"alpha must be a real number or a torch.Tensor, got {type(alpha).__name__}")
-    if alpha.numel() != 1 and tuple(alpha.shape) != (channels,):
+    if alpha.numel() != 1 and (alpha.dim() != 1 or alpha.shape[0] != channels):
         raise ValueError(
             f"alpha must have 1 element (scalar) or shape ({channels},) (per channel), got {shape_str(alpha)}"
         )
@@ -63,7 +63,9 @@ def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor
         raise ValueError(f"{name} is on {p.device} but x is on {x.device}; move them to one device")
     # The kernels index per-channel vectors with unit stride: a strided view (a column of a packed
     # table) is copied, which autograd differentiates through.
-    return p.reshape(-1).contiguous()
+    if p.dim() != 1:
+        p = p.reshape(-1)
+    return p if p.is_contiguous() else p.contiguous()
 
 
 def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Backend choice: Triton kernels or plain PyTorch (reference.py).
+"""Backend choice: Triton kernels or plain PyTorch (reference.py), decided once per call in functional.py.
 
 "auto"   Triton for CUDA tensors, PyTorch for everything else (the default).
 "triton" Triton always; CPU tensors are accepted only under TRITON_INTERPRET=1, which is how the
@@ -19,6 +19,10 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
+# Triton reads TRITON_INTERPRET when @triton.jit decorates the kernels, i.e. when dyt_kernels is
+# imported; read it at the same moment, so the two can never disagree.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("dyt_backend", default=None)
 
 
@@ -33,7 +37,8 @@ def get_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("DYT_KERNELS_BACKEND", "auto"), "DYT_KERNELS_BACKEND")
+    env = os.environ.get("DYT_KERNELS_BACKEND")
+    return "auto" if env is None else _check_name(env, "DYT_KERNELS_BACKEND")
 
 
 @contextlib.contextmanager
@@ -51,33 +56,19 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(t, FunctionalTensor):
-        t = torch._from_functional_tensor(t.elem)
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
-
-
 def use_triton(x: torch.Tensor) -> bool:
     """Whether an op on tensor x runs the Triton kernels (True) or the PyTorch reference (False)."""
     name = get_backend()
     if name == "torch" or x.dtype == torch.float64:
         # float64 is the oracle's dtype: the kernels compute in fp32, so fp64 stays in PyTorch.
         return False
-    if x.device.type == "cuda":
+    device = x.device.type
+    if device == "cuda":
         return True
     if name == "triton":
-        if x.device.type == "cpu" and interpreter_active():
-            # Tracing under the interpreter sees fake tensors, which no kernel can read.
-            return not _is_fake(x)
-        if x.device.type == "meta" or (x.device.type == "cpu" and _is_fake(x)):
+        if device == "cpu" and INTERPRETER:
+            return True
+        if device == "meta":
             return False
         raise RuntimeError(
             f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "

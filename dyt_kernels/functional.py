@@ -1,4 +1,9 @@
-"""The public functional ops: argument checks, then the registered torch.library ops."""
+"""The public functional ops: argument checks, the backend chosen once, then one path.
+
+Eager: a lean autograd.Function over the launchers (Triton backend) or over reference.py's formulas
+(torch backend); autograd.py. Under torch.compile: plain pointwise ops for the torch backend, and
+autograd.py's fused or opaque paths for Triton.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,8 +11,17 @@ from torch import Tensor
 
 from . import reference
 from ._checks import as_alpha, check_input, check_modulation, check_param, shape_str
-from .ops import dyt as _dyt_ops  # noqa: F401  (registers dyt_kernels::dyt_fwd / dyt_bwd)
-from .ops import modulate as _modulate_ops  # noqa: F401  (registers dyt_kernels::dyt_modulate_*)
+from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFused, DyTModulateReference,
+                       DyTReference)
+from .backend import get_backend, use_triton
+
+
+def _compiled_route(x: Tensor) -> str:
+    """Under torch.compile: "torch" (plain ops), "fused" (pointwise forward, kernel backward) or
+    "opaque" (our kernels both ways, use_backend("triton"))."""
+    if not use_triton(x):
+        return "torch"
+    return "opaque" if get_backend() == "triton" else "fused"
 
 
 def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Tensor | None = None, *,
@@ -25,12 +39,52 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
     >>> y.shape
     torch.Size([4, 16, 384])
     """
+    slot = None
+    if channels_last:
+        try:
+            sig = (x.shape, x.dtype, x.device, alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(),
+                   None if weight is None else (weight.shape, weight.dtype, weight.device, weight.is_contiguous()),
+                   None if bias is None else (bias.shape, bias.dtype, bias.device, bias.is_contiguous()))
+        except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
+            sig = None
+        slot = _VALIDATED.get(sig)
+    if slot is None:
+        args = _check_dyt_args(x, alpha, weight, bias, channels_last)
+        if channels_last and sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
+            slot = _VALIDATED.add(sig, [None, None])
+        x, alpha, weight, bias = args
+    if torch.compiler.is_compiling():
+        route = _compiled_route(x)
+        if route == "fused":
+            return DyTFused.apply(x, alpha, weight, bias, channels_last)
+        if route == "opaque":
+            return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
+        return reference.dyt(x, alpha, weight, bias, channels_last)
+    if use_triton(x):
+        return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
+    return DyTReference.apply(x, alpha, weight, bias, channels_last)
+
+
+def _check_dyt_args(x, alpha, weight, bias, channels_last):
     check_input("x", x, min_dim=1 if channels_last else 2)
     channels = x.shape[-1] if channels_last else x.shape[1]
-    alpha = as_alpha(alpha, x, channels)
-    weight = check_param("weight", weight, x, channels)
-    bias = check_param("bias", bias, x, channels)
-    return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
+    return (x, as_alpha(alpha, x, channels), check_param("weight", weight, x, channels),
+            check_param("bias", bias, x, channels))
+
+
+class _Validated(dict):
+    """Argument signatures (shapes, dtypes, devices, contiguity) that passed the checks unchanged,
+    each with a slot for its launch configurations: a call that matches one skips the checks. Bounded."""
+    LIMIT = 4096
+
+    def add(self, sig, slot: list) -> list:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[sig] = slot
+        return slot
+
+
+_VALIDATED = _Validated()
 
 
 def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
@@ -74,8 +128,18 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     """
     shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
     alpha = as_alpha(alpha, x, x.shape[2])
-    h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(x, alpha, shift, scale, weight, bias, residual, gate)
-    return h if residual is None else (h, r)
+    args = (x, alpha, shift, scale, weight, bias, residual, gate)
+    if torch.compiler.is_compiling():
+        route = _compiled_route(x)
+        if route == "fused":
+            return DyTModulateFused.apply(*args)
+        if route == "opaque":
+            h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(*args)
+            return h if residual is None else (h, r)
+        return reference.dyt_modulate(*args)
+    if use_triton(x):
+        return DyTModulateFunction.apply(*args)
+    return DyTModulateReference.apply(*args)
 
 
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,

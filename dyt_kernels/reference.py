@@ -160,3 +160,18 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor |
     n = torch.nn.functional.layer_norm(r, (D,), weight, bias, eps)
     h = n * (1 + as_modulation(scale, B, D)) + as_modulation(shift, B, D)
     return h if residual is None else (h, r)
+
+
+def dyt_modulate_grads(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor,
+                       scale: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None,
+                       has_residual: bool):
+    """dyt_modulate_backward with every gradient shaped and typed like its input, as the kernels
+    return them: (dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha); None for absent
+    inputs, and dshift None when shift is per token (its gradient is dh itself)."""
+    L = x.shape[1]
+    shift_tok = per_token(shift, L)
+    dx, dres, dgate, dshift, dscale, dw, db, da = dyt_modulate_backward(
+        dh, dr, x, r, alpha, scale, weight, bias, has_residual, gate, shift_tok)
+    dshift = None if shift_tok else dshift.reshape(shift.shape).to(shift.dtype)
+    dgate = None if gate is None else dgate.reshape(gate.shape)
+    return dx, dres, dgate, dshift, dscale.reshape(scale.shape), dw, db, da

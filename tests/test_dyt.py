@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import dyt_kernels
 from dyt_kernels import dyt, reference, use_backend
-from dyt_kernels.backend import interpreter_active
-from dyt_kernels.ops.launch import TANH_ACCURATE, TANH_APPROX, TANH_EXP, tanh_f32, tanh_mode
-from helpers import (FP32_EPS, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol, max_abs,
+from dyt_kernels.backend import INTERPRETER
+from dyt_kernels.ops import dyt as dyt_ops, plan
+from dyt_kernels.ops.primitives import TANH_APPROX
+from helpers import (FP32_EPS, TANH_APPROX_ERR, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol, max_abs,
                      max_abs_err, poisoned_empty, reduction_atol, rms)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
-INTERPRETED = interpreter_active()
+INTERPRETED = INTERPRETER
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,14 +60,11 @@ def naive_dyt(x, alpha, weight, bias, channels_last=True):
     return y
 
 
-# tanh.approx.f32's documented max relative error (PTX ISA: 2^-10.987), rounded up.
-TANH_APPROX_ERR = 2.0 ** -10.9
-
-
 def tanh_abs_err(dtype: torch.dtype) -> float:
     """Bound on |tanh form - tanh| for the form the kernels pick for this dtype (|tanh| <= 1, so the
-    approx form's relative bound is also an absolute one)."""
-    return TANH_APPROX_ERR if tanh_mode(dtype) == TANH_APPROX else TANH_F32_ABS_ERR
+    approx form's relative bound is also an absolute one; tests/test_tanh.py pins both)."""
+    mode = dyt_ops.tanh_mode(dtype, plan.INTERPRETER_PROPS if INTERPRETED else plan.HOPPER)
+    return TANH_APPROX_ERR if mode == TANH_APPROX else TANH_F32_ABS_ERR
 
 
 def _leaves(*ts):
@@ -137,76 +133,6 @@ def check_dyt(x, alpha, weight, bias, *, channels_last=True, backend="triton", d
     else:
         assert db is None
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# The tanh forms themselves.
-# --------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tanh_probe_kernel(z_ptr, t_ptr, n, MODE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
-    tl.store(t_ptr + offs, tanh_f32(z, MODE), mask=mask)
-
-
-def _tanh_grid(device):
-    dense = torch.linspace(-20, 20, 400_001, dtype=torch.float32)
-    # Just around the exp/series switch at |z| = 1/8, ulp by ulp on both sides.
-    switch = 0.125 + torch.arange(-4000, 4001, dtype=torch.float32) * (FP32_EPS / 16)
-    # Tiny |z| down to subnormals (the series branch; tanh(z) = z there).
-    tiny = torch.logspace(-44, -1, 4000, dtype=torch.float64).float()
-    z = torch.cat([dense, switch, -switch, tiny, -tiny, torch.tensor([0.0, 30.0, -30.0, 1e30, -1e30])])
-    return z.to(device)
-
-
-# 1e30 * 1e30 overflows in the (unselected) series branch of the exp form: harmless, as the test shows.
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("mode", [TANH_EXP, TANH_ACCURATE, TANH_APPROX], ids=["exp", "libdevice", "approx"])
-def test_tanh_f32_accuracy(mode, device):
-    """Max error of each fp32 tanh form against float64 tanh on a dense grid of z in [-20, 20], plus
-    tiny |z| and every fp32 value around the exp/series switch at |z| = 1/8. (tests/test_tanh.py
-    prints the same measurements; this one pins the bound the atols of this file rely on.)"""
-    if INTERPRETED and mode != TANH_EXP:
-        pytest.skip("the interpreter runs neither libdevice nor inline PTX; this form is checked on a GPU")
-    if not INTERPRETED and mode == TANH_EXP:
-        pytest.skip("the exp form is the interpreter's; GPUs run libdevice or tanh.approx")
-    z = _tanh_grid(device)
-    t = torch.full_like(z, float("nan"))
-    block = 16384
-    _tanh_probe_kernel[(triton.cdiv(z.numel(), block),)](z, t, z.numel(), MODE=mode, BLOCK=block)
-    z, t = z.cpu(), t.cpu()
-    ref = torch.tanh(z.double())
-    err = (t.double() - ref).abs()
-    nz = ref != 0
-    rel = torch.where(nz, err / ref.abs().clamp_min(1e-300), torch.zeros_like(err))
-    assert torch.isfinite(t).all(), "tanh returned NaN/inf for a finite input"
-    assert (t == 0)[~nz].all(), "tanh(0) must be 0"
-    assert (t.abs() <= 1).all(), "tanh must stay within [-1, 1]"
-    worst_abs, at_abs = err.max().item(), z[err.argmax()].item()
-    if mode == TANH_APPROX:
-        # PTX ISA: tanh.approx.f32 has max relative error 2^-10.987 (bf16 rounds at 2^-9, fp16 at
-        # 2^-11). Judged on normal fp32 inputs: the hardware may flush subnormals to zero.
-        normal = z.abs() >= torch.finfo(torch.float32).tiny
-        assert rel[normal].max().item() <= TANH_APPROX_ERR, f"approx tanh rel. error {rel[normal].max().item():.3e}"
-        assert worst_abs <= TANH_APPROX_ERR, f"approx tanh abs. error {worst_abs:.3e} at z={at_abs}"
-        return
-    ulp_rel = lambda m: (rel[m].max().item() / 2.0 ** -24, z[m][rel[m].argmax()].item())  # noqa: E731
-    # Both fp32 forms must be "a few fp32 ulps": abs error <= 4 * 2^-24 (2 ulps of values in [0.5, 1)),
-    # the TANH_F32_ABS_ERR every atol in these tests builds on. Measured for the exp form: 1.09e-7
-    # (1.8 * 2^-24) with numpy's exp; libdevice tanhf is documented at <= 2 ulp.
-    assert worst_abs <= TANH_F32_ABS_ERR, f"max abs error {worst_abs:.3e} at z={at_abs}"
-    # Relative, away from the series: the exp form's (1 - e) cancels just above the switch at |z| = 1/8
-    # and loses ~3 bits there (measured 10.5 * 2^-24); 16 * 2^-24 leaves room for a libm exp 1-2 ulps worse.
-    big = nz & (z.abs() >= 0.125)
-    worst, where = ulp_rel(big)
-    assert worst <= 16, f"max rel. error {worst:.1f} * 2^-24 at z={where}"
-    # Below 1/8 the exp form uses the odd series to z^7 (truncation < 2e-10 relative, i.e. 0.02 *
-    # 2^-24); Horner in fp32 adds a few half-ulp roundings: measured 1.46 * 2^-24, bound 3 * 2^-24.
-    # libdevice has no such split; it is held to the same few-ulp bound.
-    worst, where = ulp_rel(nz & (z.abs() < 0.125))
-    assert worst <= (3 if mode == TANH_EXP else 16), f"max rel. error {worst:.1f} * 2^-24 at z={where} (|z| < 1/8)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,13 +275,13 @@ def test_backward_deterministic(shape, channels_last, device):
     for name, g1, g2 in zip(["y", "dx", "dalpha", "dweight", "dbias"], first, second):
         assert torch.equal(g1, g2), f"{name} differs between two identical calls"
     # The point of the test is a reduction split over several programs; make sure it was.
-    from dyt_kernels.ops.launch import reduction_programs, tile_config
+    layout = dyt_ops.layout_of(x, channels_last)
     M = x.numel() // C if channels_last else shape[0] * C
-    N = C if channels_last else x.numel() // M
-    bm, bn, _ = tile_config(M, N, x.element_size(), tile_bytes=8192)
-    steps = triton.cdiv(M, bm) if channels_last else triton.cdiv(N, bn)
-    blocks = triton.cdiv(N, bn) if channels_last else triton.cdiv(M, bm)
-    assert reduction_programs(torch.device(device), steps, blocks) > 1
+    N = x.numel() // M
+    flags = dyt_ops.Flags(True, True, False, layout.per_row)
+    p = dyt_ops.plan_backward(M, N, C, x.dtype, (alpha.dtype, w.dtype, b.dtype), flags,
+                              plan.device_props(torch.device(device)))
+    assert p.programs > 1
 
 
 def _noncontiguous(kind, device):
@@ -550,7 +476,7 @@ BAD_INPUTS = {
     "x_not_tensor": (lambda d: dyt([[1.0, 2.0]], 0.5), TypeError, r"x must be a torch.Tensor"),
     "alpha_2_of_8": (lambda d: dyt(torch.randn(4, 8, device=d), torch.ones(2, device=d)),
                      ValueError, r"alpha must have 1 element .* or shape \(8,\)"),
-    "alpha_string": (lambda d: dyt(torch.randn(4, 8, device=d), "0.5"), TypeError, r"alpha must be a float"),
+    "alpha_string": (lambda d: dyt(torch.randn(4, 8, device=d), "0.5"), TypeError, r"alpha must be a real number or a torch.Tensor"),
     "integer_weight": (lambda d: dyt(torch.randn(4, 8, device=d), 0.5, torch.ones(8, dtype=torch.int32, device=d)),
                        TypeError, r"weight must be a floating-point tensor"),
     "weight_other_device": (lambda d: dyt(torch.randn(4, 8, device=d), 0.5, torch.ones(8, device=_other_device(d))),
@@ -592,14 +518,15 @@ def test_bad_backend_env_var(monkeypatch, device):
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     """backend 'triton' with CPU tensors and the interpreter off: a clear error, not a crash."""
+    from dyt_kernels import backend
     from dyt_kernels.backend import use_triton
     x = torch.randn(2, 4)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backend, "INTERPRETER", False)
     with use_backend("triton"), pytest.raises(RuntimeError, match=r"needs CUDA tensors.*TRITON_INTERPRET=1"):
         use_triton(x)
     with use_backend("auto"):
         assert not use_triton(x)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "INTERPRETER", True)
     with use_backend("triton"):
         assert use_triton(x)
         assert not use_triton(x.double())

@@ -1,43 +1,37 @@
-"""DyT forward and backward as Triton kernels, registered as torch.library ops with autograd.
+"""DyT forward and backward: Triton kernels, their launch plans and launchers.
 
     forward   t = tanh(a*x)         y = w*t + b
     backward  g = dy*w*(1 - t^2)    dx = a*g    dw = sum_rows dy*t    db = sum_rows dy
               da = sum g*x  (scalar alpha: over everything; per-channel alpha: over rows)
 
 Minimum bytes (s = element size of x, M*N elements; per-channel vectors are noise next to these):
-    forward   read x, write y                        2*M*N*s
-    backward  read x and dy, write dx                3*M*N*s   (+ G*N*4 per fp32 partial buffer)
-The backward recomputes tanh from x (one MUFU op) rather than saving y, and writes fp32 per-program
-partials of dw/db/da that torch.sum then reduces: deterministic, no atomics.
+    forward   read x, write y                        2*M*N*s       one launch
+    backward  read x and dy, write dx                3*M*N*s       two launches
+The backward recomputes tanh from x (one MUFU op in bf16/fp16) rather than saving y. It is persistent:
+one wave of programs, each owning a column block and a run of row tiles, prefetching the next tile
+while it computes the current one, its sums in fp32 registers until it writes one partial row each of
+dw, db, da (scalar alpha: one number). The finishing launch (finish.py) sums those in a fixed order
+and writes every gradient in its parameter's dtype: deterministic, no atomics. Side traffic is the
+partials written and read back: P*K*4 bytes per gradient, P programs (about one per SM).
 
 Layout: x is viewed as rows x columns with unit column stride. Channels run along the columns
 (channels_last, and NCHW tensors stored channels_last) or along the rows (contiguous NCHW: row =
-n*C + c, the columns are the H*W positions); PARAM_PER_ROW picks which.
+n*C + c, the columns are the H*W positions); PER_ROW picks which.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
-from .. import reference
-from ..backend import get_backend, use_backend, use_triton
-from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config, tile_coords
-
-
-@triton.jit
-def _load_channel(ptr, ch, ch_ok, PER_ROW: tl.constexpr):
-    """A per-channel vector loaded 1-D (so its layout matches the tile's) and shaped to broadcast."""
-    v = tl.load(ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    if PER_ROW:
-        out = v[:, None]
-    else:
-        out = v[None, :]
-    return out
+from . import plan as P
+from .finish import finish
+from .primitives import (TANH_APPROX, TANH_F32, channel_cols, load_channels, load_row_vector, load_tile,
+                         row_offsets, tanh_f32)
 
 
 @triton.jit
@@ -50,30 +44,55 @@ def _dyt_fwd_kernel(
     M, N, C,    # rows, columns, channels
     stride_xm, stride_ym,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
-    PARAM_PER_ROW: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows, cols = tile_coords(tl.program_id(0), N, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    rows = (pid // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = channel_cols(pid % col_blocks, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if PARAM_PER_ROW:
+    x = load_tile(x_ptr, row_offsets(rows, stride_xm, INDEX_64), cols, mask)
+    if PER_ROW:
         ch = rows % C
-        ch_ok = row_ok
+        if ALPHA_PER_CHANNEL:
+            a = load_row_vector(alpha_ptr, ch, row_ok)
+        if HAS_WEIGHT:
+            w = load_row_vector(w_ptr, ch, row_ok)
+        if HAS_BIAS:
+            b = load_row_vector(b_ptr, ch, row_ok)
     else:
-        ch = cols
-        ch_ok = col_ok
-    if ALPHA_PER_CHANNEL:
-        a = _load_channel(alpha_ptr, ch, ch_ok, PARAM_PER_ROW)
-    else:
+        if ALPHA_PER_CHANNEL:
+            a = load_channels(alpha_ptr, cols, col_ok, BLOCK_M)
+        if HAS_WEIGHT:
+            w = load_channels(w_ptr, cols, col_ok, BLOCK_M)
+        if HAS_BIAS:
+            b = load_channels(b_ptr, cols, col_ok, BLOCK_M)
+    if not ALPHA_PER_CHANNEL:
         a = tl.load(alpha_ptr).to(tl.float32)
     y = tanh_f32(a * x, TANH)
     if HAS_WEIGHT:
-        y = y * _load_channel(w_ptr, ch, ch_ok, PARAM_PER_ROW)
+        y = y * w
     if HAS_BIAS:
-        y = y + _load_channel(b_ptr, ch, ch_ok, PARAM_PER_ROW)
-    tl.store(y_ptr + rows64 * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = y + b
+    tl.store(y_ptr + row_offsets(rows, stride_ym, INDEX_64) + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _bwd_tile(s, first, fixed, M, N, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows, columns and mask of a program's s-th tile: rows advance (channels along columns), or
+    columns advance (PER_ROW); `first` is the program's first moving index, `fixed` the other axis."""
+    if PER_ROW:
+        rows = fixed
+        cols = tl.max_contiguous(tl.multiple_of(first + s * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
+    else:
+        rows = first + s * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = fixed
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    return rows, cols, mask
 
 
 @triton.jit
@@ -83,178 +102,344 @@ def _dyt_bwd_kernel(
     dx_ptr,     # (M, N) output: input gradient rows
     alpha_ptr,  # (1,) or (C,)
     w_ptr,      # (C,) weight, read only if HAS_WEIGHT
-    dw_part,    # (G, K) fp32 partials of sum dy*t; K = N, or M if PARAM_PER_ROW
-    db_part,    # (G, K) fp32 partials of sum dy
-    da_part,    # (G, K) fp32 partials of sum g*x
+    part_ptr,   # (3, part_stride) fp32 partials of dw, db, da: [g * K + k], K = N (or M if PER_ROW);
+                # a scalar alpha's partial is one number per program, at [g * blocks + block]
     M, N, C,
     stride_dym, stride_xm, stride_dxm,
     steps,      # tiles each program walks along the reduced axis
+    part_stride,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
-    PARAM_PER_ROW: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # A program owns one block of channels and walks `steps` tiles along the other axis, so its
-    # parameters load once and its sums stay in registers until one partial row is written.
+    # A program owns one block of channels and walks `steps` tiles along the other axis: its
+    # parameters load once, its sums stay in registers, and tile s+1 is in flight while s computes.
     pid = tl.program_id(0)
-    if PARAM_PER_ROW:
-        n_row_blocks = tl.cdiv(M, BLOCK_M)
-        g = pid // n_row_blocks
-        rows = (pid % n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ch = rows % C
-        ch_ok = rows < M
+    if PER_ROW:
+        blocks = tl.cdiv(M, BLOCK_M)
+        block = pid % blocks
+        g = pid // blocks
+        fixed = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        first = g * steps * BLOCK_N
+        ch = fixed % C
+        ch_ok = fixed < M
+        if ALPHA_PER_CHANNEL:
+            a = load_row_vector(alpha_ptr, ch, ch_ok)
+        if HAS_WEIGHT:
+            w = load_row_vector(w_ptr, ch, ch_ok)
     else:
-        n_col_blocks = tl.cdiv(N, BLOCK_N)
-        g = pid // n_col_blocks
-        cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
-        ch = cols
-        ch_ok = cols < N
-    if ALPHA_PER_CHANNEL:
-        a = _load_channel(alpha_ptr, ch, ch_ok, PARAM_PER_ROW)
-    else:
+        blocks = tl.cdiv(N, BLOCK_N)
+        block = pid % blocks
+        g = pid // blocks
+        fixed = channel_cols(block, BLOCK_N)
+        first = g * steps * BLOCK_M
+        ch_ok = fixed < N
+        if ALPHA_PER_CHANNEL:
+            a = load_channels(alpha_ptr, fixed, ch_ok, BLOCK_M)
+        if HAS_WEIGHT:
+            w = load_channels(w_ptr, fixed, ch_ok, BLOCK_M)
+    if not ALPHA_PER_CHANNEL:
         a = tl.load(alpha_ptr).to(tl.float32)
-    if HAS_WEIGHT:
-        w = _load_channel(w_ptr, ch, ch_ok, PARAM_PER_ROW)
+    # Tiles past this program's run (or past the tensor) are fully masked.
+    if PER_ROW:
+        limit_n = tl.minimum(N, first + steps * BLOCK_N)
+        limit_m = M
+    else:
+        limit_m = tl.minimum(M, first + steps * BLOCK_M)
+        limit_n = N
+
+    rows, cols, mask = _bwd_tile(0, first, fixed, limit_m, limit_n, PER_ROW, BLOCK_M, BLOCK_N)
+    x_next = tl.load(x_ptr + row_offsets(rows, stride_xm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
+    dy_next = tl.load(dy_ptr + row_offsets(rows, stride_dym, INDEX_64) + cols[None, :], mask=mask, other=0.0)
     acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(steps):
-        if PARAM_PER_ROW:
-            cols = (g * steps + s) * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
-        else:
-            rows = (g * steps + s) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows64 * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = tanh_f32(a * x, TANH)
-        gt = dy * (1.0 - t * t)
+        x = x_next.to(tl.float32)
+        dy = dy_next.to(tl.float32)
+        rows, cols, mask = _bwd_tile(s, first, fixed, limit_m, limit_n, PER_ROW, BLOCK_M, BLOCK_N)
+        rows_n, cols_n, mask_n = _bwd_tile(s + 1, first, fixed, limit_m, limit_n, PER_ROW, BLOCK_M, BLOCK_N)
+        x_next = tl.load(x_ptr + row_offsets(rows_n, stride_xm, INDEX_64) + cols_n[None, :], mask=mask_n,
+                         other=0.0)
+        dy_next = tl.load(dy_ptr + row_offsets(rows_n, stride_dym, INDEX_64) + cols_n[None, :], mask=mask_n,
+                          other=0.0)
+        # Padded lanes hold x = 0; alpha = +-inf would make a*x NaN there and poison the sums.
+        t = tanh_f32(tl.where(mask, a * x, 0.0), TANH)
+        g_t = dy * (1.0 - t * t)
         if HAS_WEIGHT:
-            gt = gt * w
             acc_w += dy * t
+            g_t = g_t * w
         if HAS_BIAS:
             acc_b += dy
-        acc_a += gt * x
-        tl.store(dx_ptr + rows64 * stride_dxm + cols[None, :], (a * gt).to(dx_ptr.dtype.element_ty), mask=mask)
-    if PARAM_PER_ROW:
-        out = g.to(tl.int64) * M + rows
-        out_ok = rows < M
+        acc_a += g_t * x
+        tl.store(dx_ptr + row_offsets(rows, stride_dxm, INDEX_64) + cols[None, :],
+                 (a * g_t).to(dx_ptr.dtype.element_ty), mask=mask)
+    if PER_ROW:
+        out = g * M + fixed
         sum_w, sum_b, sum_a = tl.sum(acc_w, axis=1), tl.sum(acc_b, axis=1), tl.sum(acc_a, axis=1)
     else:
-        out = g.to(tl.int64) * N + cols
-        out_ok = cols < N
+        out = g * N + fixed
         sum_w, sum_b, sum_a = tl.sum(acc_w, axis=0), tl.sum(acc_b, axis=0), tl.sum(acc_a, axis=0)
     if HAS_WEIGHT:
-        tl.store(dw_part + out, sum_w, mask=out_ok)
+        tl.store(part_ptr + out, sum_w, mask=ch_ok)
     if HAS_BIAS:
-        tl.store(db_part + out, sum_b, mask=out_ok)
-    tl.store(da_part + out, sum_a, mask=out_ok)
+        tl.store(part_ptr + part_stride + out, sum_b, mask=ch_ok)
+    if ALPHA_PER_CHANNEL:
+        tl.store(part_ptr + 2 * part_stride + out, sum_a, mask=ch_ok)
+    else:
+        tl.store(part_ptr + 2 * part_stride + pid, tl.sum(sum_a, axis=0))
 
 
-def _channels_along_rows(x: Tensor, channels_last: bool) -> bool:
-    """True for NCHW data stored NCHW-contiguous (or strided): channels then index the rows."""
-    return not channels_last and not x.movedim(1, -1).is_contiguous()
+# --------------------------------------------------------------------------------------------------
+# Launch plans (pure functions of shape, dtypes, flags and device properties; cached).
+
+@dataclass(frozen=True)
+class Flags:
+    has_weight: bool
+    has_bias: bool
+    alpha_per_channel: bool
+    per_row: bool
 
 
-def _rows_of(t: Tensor, channels_last: bool, per_row: bool) -> Tensor:
-    """t as the (rows, columns) view the kernels walk (see the module docstring)."""
-    if per_row:
-        return as_rows(t.contiguous(), t.numel() // (t.shape[0] * t.shape[1]))
-    if not channels_last:
-        t = t.movedim(1, -1)
-    return as_rows(t, t.shape[-1])
+def tanh_mode(dtype: torch.dtype, props: P.DeviceProps) -> int:
+    if props.interpreter or dtype == torch.float32:
+        return TANH_F32
+    return TANH_APPROX
 
 
-def _empty_out(x: Tensor, per_row: bool, channels_last: bool) -> Tensor:
-    # NCHW stored channels_last keeps that layout; everything else comes out contiguous.
-    if not channels_last and not per_row:
-        return torch.empty_like(x)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _constexprs(flags: Flags, dtype, props, index64: bool, tile: P.Tile) -> tuple:
+    return (("HAS_WEIGHT", flags.has_weight), ("HAS_BIAS", flags.has_bias),
+            ("ALPHA_PER_CHANNEL", flags.alpha_per_channel), ("PER_ROW", flags.per_row),
+            ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
+            ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n))
 
 
-@triton_op("dyt_kernels::dyt_fwd", mutates_args=())
-def dyt_fwd(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-            channels_last: bool) -> Tensor:
-    if not use_triton(x):
-        return reference.dyt(x, alpha, weight, bias, channels_last)
-    per_row = _channels_along_rows(x, channels_last)
-    y = _empty_out(x, per_row, channels_last)
-    if x.numel() == 0:
-        return y
-    x2, y2 = _rows_of(x, channels_last, per_row), _rows_of(y, channels_last, per_row)
+def _divisible(values: dict[str, int]) -> tuple:
+    return tuple(name for name, v in values.items() if v % 16 == 0)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    tile: P.Tile
+    grid: int
+    index64: bool
+    spec: P.KernelSpec
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    tile: P.Tile
+    blocks: int            # column blocks (row blocks if per_row)
+    programs: int          # programs per block, each walking `steps` tiles
+    steps: int
+    grid: int
+    index64: bool
+    programs_per_sm: int
+    spec: P.KernelSpec
+    part_stride: int       # fp32 elements per partial stream (programs * K)
+
+
+BWD_WARPS = 16
+MAX_BLOCK_N = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
+                 props: P.DeviceProps) -> ForwardPlan:
+    P.check_rows(M)
+    tile = P.streaming_tile(M, N, dtype, MAX_BLOCK_N)
+    index64 = P.needs_index64(M * N)
+    alpha_t, w_t, b_t = param_dtypes
+    spec = P.KernelSpec(
+        _dyt_fwd_kernel,
+        (("x_ptr", P.pointer(dtype)), ("y_ptr", P.pointer(dtype)), ("alpha_ptr", P.pointer(alpha_t)),
+         ("w_ptr", P.pointer(w_t)), ("b_ptr", P.pointer(b_t)), ("M", "i32"), ("N", "i32"), ("C", "i32"),
+         ("stride_xm", "i32"), ("stride_ym", "i32")),
+        _constexprs(flags, dtype, props, index64, tile),
+        ("x_ptr", "y_ptr", "alpha_ptr", "w_ptr", "b_ptr") + _divisible({"M": M, "N": N, "C": C, "stride_xm": N,
+                                                                      "stride_ym": N}),
+        tile.num_warps, P.STREAM_MAXNREG)
+    grid = P.cdiv(M, tile.block_m) * P.cdiv(N, tile.block_n)
+    return ForwardPlan(tile, grid, index64, spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
+                  props: P.DeviceProps) -> BackwardPlan:
+    P.check_rows(M)
+    elem = torch.empty((), dtype=dtype).element_size()
+    # Per thread and stream, 32 bytes (two 16-byte vectors) of the tile, at up to 16 warps.
+    per_thread = 32 // elem
+    tile = P.tile_for(M, N, BWD_WARPS * 32 * per_thread, MAX_BLOCK_N, BWD_WARPS, per_thread)
+    index64 = P.needs_index64(M * N)
+    alpha_t, w_t, _ = param_dtypes
+    spec = P.KernelSpec(
+        _dyt_bwd_kernel,
+        (("dy_ptr", P.pointer(dtype)), ("x_ptr", P.pointer(dtype)), ("dx_ptr", P.pointer(dtype)),
+         ("alpha_ptr", P.pointer(alpha_t)), ("w_ptr", P.pointer(w_t)), ("part_ptr", "*fp32"),
+         ("M", "i32"), ("N", "i32"), ("C", "i32"), ("stride_dym", "i32"), ("stride_xm", "i32"),
+         ("stride_dxm", "i32"), ("steps", "i32"), ("part_stride", "i32")),
+        _constexprs(flags, dtype, props, index64, tile),
+        ("dy_ptr", "x_ptr", "dx_ptr", "alpha_ptr", "w_ptr", "part_ptr") + _divisible(
+            {"M": M, "N": N, "C": C, "stride_dym": N, "stride_xm": N, "stride_dxm": N}),
+        tile.num_warps)
+    if flags.per_row:
+        blocks, tiles, K = P.cdiv(M, tile.block_m), P.cdiv(N, tile.block_n), M
+    else:
+        blocks, tiles, K = P.cdiv(N, tile.block_n), P.cdiv(M, tile.block_m), N
+    per_sm = P.occupancy(spec.resources(props), tile.num_warps, props)
+    if per_sm < 1:
+        raise RuntimeError(f"dyt backward tile {tile} does not fit one SM of {props.name}")
+    programs, steps = P.split_reduction(tiles, blocks, per_sm, props)
+    part_stride = max(programs * K, programs * blocks)
+    return BackwardPlan(tile, blocks, programs, steps, programs * blocks, index64, per_sm, spec, part_stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout and launchers.
+
+def rows_view(t: Tensor, n: int) -> Tensor:
+    """t as (rows, n) with unit column stride: a view when one exists, else a contiguous copy."""
+    if t.dim() == 2 and t.shape[1] == n and (t.stride(1) == 1 or n == 1):
+        return t
+    try:
+        v = t.view(-1, n)
+    except RuntimeError:
+        return t.reshape(-1, n).contiguous()
+    return v if v.stride(1) == 1 or n == 1 else v.contiguous()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an (N, C, ...) or (..., C) tensor maps onto kernel rows: see the module docstring."""
+    channels_last: bool   # the caller's convention
+    moved: bool           # channels-first data walked as channels-last (stored NHWC, or no spatial dims)
+    per_row: bool         # channels-first NCHW: one channel per row
+
+
+_CHANNELS_LAST = Layout(True, False, False)
+
+
+def layout_of(x: Tensor, channels_last: bool) -> Layout:
+    if channels_last:
+        return _CHANNELS_LAST
+    spatial = x.numel() // max(x.shape[0] * x.shape[1], 1) if x.numel() else 1
+    if x.dim() == 2 or spatial == 1:
+        # No spatial positions: (N, C) is channels-last already, whatever its strides.
+        return Layout(False, True, False)
+    if x.movedim(1, -1).is_contiguous():
+        return Layout(False, True, False)
+    return Layout(False, False, True)
+
+
+def as_rows(t: Tensor, layout: Layout, C: int) -> Tensor:
+    if layout.channels_last:
+        return rows_view(t, C)
+    if layout.moved:
+        return rows_view(t.movedim(1, -1) if t.dim() > 2 else t, C)
+    t = t.contiguous()
+    return t.view(t.shape[0] * C, -1)
+
+
+def empty_like_layout(x: Tensor, layout: Layout) -> Tensor:
+    """An output for x in the layout the kernels walk: NHWC-stored channels-first data stays NHWC."""
+    if layout.moved and x.dim() > 2 and x.movedim(1, -1).is_contiguous():
+        return torch.empty_like(x)  # dense x: the same strides
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_FWD = P.LaunchCache()
+_BWD = P.LaunchCache()
+
+
+def _forward_launch(key) -> P.Launch:
+    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device = key
+    p = plan_forward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device))
+    return _FWD.add(key, P.launch_of(p, p.spec, p.grid))
+
+
+def _backward_launch(key) -> P.Launch:
+    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device = key
+    p = plan_backward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device))
+    return _BWD.add(key, P.launch_of(p, p.spec, p.grid))
+
+
+def _key(x2: Tensor, C: int, x: Tensor, alpha: Tensor, weight, bias, per_row: bool) -> tuple:
     M, N = x2.shape
-    C = x.shape[-1] if channels_last else x.shape[1]
-    block_m, block_n, num_warps = tile_config(M, N, x.element_size())
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    wrap_triton(_dyt_fwd_kernel)[grid](
+    return (M, N, C, x.dtype, alpha.dtype, alpha.dtype if weight is None else weight.dtype,
+            alpha.dtype if bias is None else bias.dtype, weight is not None, bias is not None, alpha.numel() > 1,
+            per_row, x.device)
+
+
+def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool,
+            launch=None, slot: list | None = None) -> Tensor:
+    """y = dyt(x) with one launch; `launch` wraps the kernel (wrap_triton inside custom ops). `slot`,
+    from functional.py, remembers this argument signature's launch configurations between calls."""
+    if channels_last:
+        C = x.shape[-1]
+        layout = _CHANNELS_LAST
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if x.numel() == 0:
+            return y
+        x2 = rows_view(x, C)
+        y2 = y if x2 is x else y.view(-1, C)
+    else:
+        C = x.shape[1]
+        layout = layout_of(x, False)
+        y = empty_like_layout(x, layout)
+        if x.numel() == 0:
+            return y
+        x2, y2 = as_rows(x, layout, C), as_rows(y, layout, C)
+    M, N = x2.shape
+    cfg = None if slot is None else slot[0]
+    if cfg is None:
+        key = _key(x2, C, x, alpha, weight, bias, layout.per_row)
+        cfg = _FWD.get(key) or _forward_launch(key)
+        if slot is not None:
+            slot[0] = cfg
+    (_dyt_fwd_kernel if launch is None else launch(_dyt_fwd_kernel))[cfg.grid](
         x2, y2, alpha, x2 if weight is None else weight, x2 if bias is None else bias,
-        M, N, C, x2.stride(0), y2.stride(0),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=alpha.numel() > 1,
-        PARAM_PER_ROW=per_row, TANH=tanh_mode(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
+        M, N, C, x2.stride(0), y2.stride(0), **cfg.kwargs)
     return y
 
 
-@triton_op("dyt_kernels::dyt_bwd", mutates_args=())
-def dyt_bwd(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-            channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dalpha, dweight, dbias); dweight/dbias are empty when weight/bias are None."""
-    if not use_triton(x):
-        dx, da, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias, channels_last)
-    else:
-        dx, da, dw, db = _dyt_bwd_triton(dy, x, alpha, weight, bias, channels_last)
-    return dx, da, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
-
-
-def _dyt_bwd_triton(dy, x, alpha, weight, bias, channels_last):
+def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
+             channels_last: bool, launch=None, slot: list | None = None):
+    """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
     C = x.shape[-1] if channels_last else x.shape[1]
-    per_row = _channels_along_rows(x, channels_last)
-    dx = _empty_out(x, per_row, channels_last)
+    layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
+    dx = empty_like_layout(x, layout)
+    dw = None if weight is None else torch.empty_like(weight)
+    db = None if bias is None else torch.empty_like(bias)
+    da = torch.empty_like(alpha)
     if x.numel() == 0:
-        zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
-        return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
-    x2, dy2, dx2 = (_rows_of(t, channels_last, per_row) for t in (x, dy, dx))
+        for g in (dw, db, da):
+            if g is not None:
+                g.zero_()
+        return dx, da, dw, db
+    x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
     M, N = x2.shape
-    # Three (M, N)-sized streams and three fp32 accumulators live per tile: half the forward's tile.
-    block_m, block_n, num_warps = tile_config(M, N, x.element_size(), tile_bytes=8192)
-    if per_row:
-        blocks, steps_total, K = triton.cdiv(M, block_m), triton.cdiv(N, block_n), M
+    cfg = None if slot is None else slot[1]
+    if cfg is None:
+        key = _key(x2, C, x, alpha, weight, bias, layout.per_row)
+        cfg = _BWD.get(key) or _backward_launch(key)
+        if slot is not None:
+            slot[1] = cfg
+    p = cfg.plan
+    part = torch.empty((3, p.part_stride), dtype=torch.float32, device=x.device)
+    (_dyt_bwd_kernel if launch is None else launch(_dyt_bwd_kernel))[cfg.grid](
+        dy2, x2, dx2, alpha, x2 if weight is None else weight, part,
+        M, N, C, dy2.stride(0), x2.stride(0), dx2.stride(0), p.steps, p.part_stride, **cfg.kwargs)
+    # Channel sums: the partials are (programs * rows-per-channel, C) matrices (rows = n*C + c per row).
+    S = p.programs * (M // C if layout.per_row else 1)
+    jobs = []
+    if dw is not None:
+        jobs.append((part[0], dw, 1, S, C))
+    if db is not None:
+        jobs.append((part[1], db, 1, S, C))
+    if alpha.numel() > 1:
+        jobs.append((part[2], da, 1, S, C))
     else:
-        blocks, steps_total, K = triton.cdiv(N, block_n), triton.cdiv(M, block_m), N
-    G = reduction_programs(x.device, steps_total, blocks)
-    steps = triton.cdiv(steps_total, G)
-    G = triton.cdiv(steps_total, steps)  # every program gets at least one tile
-    part = torch.empty((3, G, K), dtype=torch.float32, device=x.device)
-    wrap_triton(_dyt_bwd_kernel)[(G * blocks,)](
-        dy2, x2, dx2, alpha, x2 if weight is None else weight, part[0], part[1], part[2],
-        M, N, C, dy2.stride(0), x2.stride(0), dx2.stride(0), steps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=alpha.numel() > 1,
-        PARAM_PER_ROW=per_row, TANH=tanh_mode(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
-    sums = part.sum(1)  # (3, K), a fixed-order reduction
-    if per_row:
-        sums = sums.view(3, -1, C).sum(1)
-    # copy=True: the three results must not be views of one buffer (custom ops may not alias outputs).
-    dw = None if weight is None else sums[0].to(weight.dtype, copy=True)
-    db = None if bias is None else sums[1].to(bias.dtype, copy=True)
-    da = (sums[2] if alpha.numel() > 1 else sums[2].sum()).reshape(alpha.shape).to(alpha.dtype, copy=True)
+        jobs.append((part[2], da, 1, p.grid, 1))
+    finish(jobs, launch)
     return dx, da, dw, db
-
-
-def _setup_context(ctx, inputs, output):
-    x, alpha, weight, bias, channels_last = inputs
-    ctx.save_for_backward(x, alpha, weight, bias)
-    ctx.channels_last = channels_last
-    ctx.backend = get_backend()  # the backward runs on the forward's backend, wherever .backward() is called
-
-
-def _backward(ctx, dy):
-    x, alpha, weight, bias = ctx.saved_tensors
-    with use_backend(ctx.backend):
-        dx, da, dw, db = torch.ops.dyt_kernels.dyt_bwd(dy, x, alpha, weight, bias, ctx.channels_last)
-    return dx, da, dw if weight is not None else None, db if bias is not None else None, None
-
-
-dyt_fwd.register_autograd(_backward, setup_context=_setup_context)

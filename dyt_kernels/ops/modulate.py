@@ -10,37 +10,48 @@ x, residual, h, r are (B, L, D), viewed as B*L rows of D. shift/scale/gate are p
 and broadcast over L (the kernels address them with a zero token stride), or per token (B, L, D).
 
 Minimum bytes, E = B*L*D elements of s bytes, P = B*D per-sample vectors (per-token ones cost E):
-    forward    no residual         read x, shift, scale; write h                  2E*s + 2P*s
+    forward    no residual         read x, shift, scale; write h                      2E*s + 2P*s
                residual, gate      read x, residual, gate, shift, scale; write h, r   4E*s + 3P*s
                residual, no gate                                                     4E*s + 2P*s
-    backward   no residual         read dh, x; write dx                           3E*s (+ P*s scale)
-               residual, no gate   read dh, dr, r; write dresidual (= dx)          4E*s (+ P*s)
-               residual, gate      read dh, dr, r, x; write dresidual, dx          6E*s (+ 2P*s)
-The backward's small terms: it reads scale (and gate) and writes dshift, dscale (and dgate) as (B, D)
-fp32 partial sums, P*s-sized each. Per-token scale/gate instead add a read of scale/gate and a write
-of dscale/dgate (E*s each); a per-token dshift is dh itself and costs nothing. The backward saves r (the norm's input), never h, recomputes
-tanh, and reduces per-sample and per-channel sums through fp32 per-program partials: no atomics.
+    backward   no residual         read dh, x; write dx                               3E*s (+ 3P*s)
+               residual, no gate   read dh, dr, r; write dresidual (= dx)             4E*s (+ 3P*s)
+               residual, gate      read dh, dr, r, x; write dresidual, dx             6E*s (+ 5P*s)
+The backward's small terms: it reads scale (and gate) and writes dshift, dscale (and dgate), P*s
+each. Per-token scale/gate instead add a read of scale/gate and a write of dscale/dgate (E*s each);
+a per-token dshift is dh itself and costs nothing. The backward saves r (the norm's input), never h,
+and recomputes tanh.
+
+The backward is persistent, one wave: a program owns a column block and a run of (sample, token
+chunk) units, prefetching tile i+1 while it computes tile i. Per-sample sums close at the end of
+each unit: written straight into dshift/dscale/dgate in their dtypes when a sample is one unit, or
+as fp32 partials the finishing launch sums when long samples are split to keep every SM busy.
+Per-channel sums (dw, db, da) stay in registers for the whole run, one partial row per program.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
-from .. import reference
-from ..backend import get_backend, use_backend, use_triton
 from ..reference import per_token
-from .launch import as_rows, reduction_programs, tanh_f32, tanh_mode, tile_config, tile_coords
+from . import plan as P
+from .dyt import MAX_BLOCK_N as _FWD_MAX_BLOCK_N, rows_view, tanh_mode
+from .finish import finish
+from .primitives import channel_cols, load_channels, row_offsets, tanh_f32
 
 
 @triton.jit
-def _load_mod(ptr, sample, token, cols, stride_b, stride_l, mask):
-    """shift/scale/gate[sample, token, cols] as fp32; stride_l = 0 broadcasts a per-sample tensor."""
-    return tl.load(ptr + sample * stride_b + token * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _mod_offsets(sample, token, stride_b, stride_l, INDEX_64: tl.constexpr):
+    """Offsets of shift/scale/gate[sample, token, :] (stride_l = 0: one vector per sample), as a column."""
+    if INDEX_64:
+        off = sample.to(tl.int64) * stride_b + token.to(tl.int64) * stride_l
+    else:
+        off = sample * stride_b + token * stride_l
+    return off[:, None]
 
 
 @triton.jit
@@ -59,36 +70,63 @@ def _modulate_fwd_kernel(
     stride_xm, stride_resm, stride_hm, stride_rm,
     stride_gb, stride_gl, stride_shb, stride_shl, stride_scb, stride_scl,
     HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALPHA_PER_CHANNEL: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows, cols = tile_coords(tl.program_id(0), N, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    rows = (pid // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = channel_cols(pid % col_blocks, BLOCK_N)
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
-    sample = (rows64 // L)[:, None]
-    token = (rows64 % L)[:, None]
-    rows64 = rows64[:, None]
-    r = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sample = rows // L       # 32-bit: row counts are checked to fit
+    token = rows - sample * L
+    # Every load of the tile is issued before the first is used (one memory round trip): shift and
+    # scale first, as ptxas would otherwise sink them below the residual math to their late use.
+    shift = tl.load(shift_ptr + _mod_offsets(sample, token, stride_shb, stride_shl, INDEX_64) + cols[None, :],
+                    mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + _mod_offsets(sample, token, stride_scb, stride_scl, INDEX_64) + cols[None, :],
+                    mask=mask, other=0.0)
+    x = tl.load(x_ptr + row_offsets(rows, stride_xm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
+        res = tl.load(res_ptr + row_offsets(rows, stride_resm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
         if HAS_GATE:
-            r = r * _load_mod(gate_ptr, sample, token, cols, stride_gb, stride_gl, mask)
-        r += tl.load(res_ptr + rows64 * stride_resm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r_out = r.to(r_ptr.dtype.element_ty)
-        tl.store(r_ptr + rows64 * stride_rm + cols[None, :], r_out, mask=mask)
-        r = r_out.to(tl.float32)  # normalize the stored r, so the backward's recomputation matches
+            gate = tl.load(gate_ptr + _mod_offsets(sample, token, stride_gb, stride_gl, INDEX_64) + cols[None, :],
+                           mask=mask, other=0.0)
     if ALPHA_PER_CHANNEL:
-        a = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        a = load_channels(alpha_ptr, cols, col_ok, BLOCK_M)
     else:
         a = tl.load(alpha_ptr).to(tl.float32)
+    if HAS_WEIGHT:
+        w = load_channels(w_ptr, cols, col_ok, BLOCK_M)
+    if HAS_BIAS:
+        bias = load_channels(b_ptr, cols, col_ok, BLOCK_M)
+    r = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        if HAS_GATE:
+            r = r * gate.to(tl.float32)
+        r += res.to(tl.float32)
+        r_out = r.to(r_ptr.dtype.element_ty)
+        tl.store(r_ptr + row_offsets(rows, stride_rm, INDEX_64) + cols[None, :], r_out, mask=mask)
+        r = r_out.to(tl.float32)  # the norm reads r as stored, as an unfused block would
     n = tanh_f32(a * r, TANH)
     if HAS_WEIGHT:
-        n = n * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        n = n * w
     if HAS_BIAS:
-        n = n + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    shift = _load_mod(shift_ptr, sample, token, cols, stride_shb, stride_shl, mask)
-    scale = _load_mod(scale_ptr, sample, token, cols, stride_scb, stride_scl, mask)
-    h = n * (1.0 + scale) + shift
-    tl.store(h_ptr + rows64 * stride_hm + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+        n = n + bias
+    h = n * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    tl.store(h_ptr + row_offsets(rows, stride_hm, INDEX_64) + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _next_tile(u, k, sample, chunk, S, TPC):
+    """The step after (unit u, tile k of it, its sample and chunk): counters, no integer division."""
+    k1 = k + 1
+    wrap = k1 == TPC
+    k1 = tl.where(wrap, 0, k1)
+    chunk1 = chunk + wrap.to(tl.int32)
+    wrap_sample = chunk1 == S
+    return (u + wrap.to(tl.int32), k1, sample + wrap_sample.to(tl.int32), tl.where(wrap_sample, 0, chunk1))
 
 
 @triton.jit
@@ -97,72 +135,109 @@ def _modulate_bwd_kernel(
     dr_ptr,      # (B*L, D) upstream gradient of r, if HAS_DR
     r_ptr,       # (B*L, D) the norm's input: r with a residual, x without
     x_ptr,       # (B*L, D) x, read for dgate if HAS_GATE
-    gate_ptr, scale_ptr,  # addressed as in the forward
+    gate_ptr, scale_ptr,  # addressed as in the forward (token stride 0: per sample)
     alpha_ptr, w_ptr, b_ptr,
     drt_ptr,     # (B*L, D) output: dresidual (with a residual) or dx (without)
-    dx_ptr,      # (B*L, D) output: dx = gate*dresidual, if HAS_GATE
-    dscale_ptr,  # (B*L, D) output if SCALE_PER_TOKEN
-    dgate_ptr,   # (B*L, D) output if GATE_PER_TOKEN
-    sample_part,   # (3, B, G, D) fp32 partials of dshift, dscale, dgate for per-sample tensors
-    channel_part,  # (3, B*G, D) fp32 partials of dw, db, dalpha
-    B, N, L, G,
+    dx_ptr,      # (B*L, D) output dx = gate*dresidual (or a cast of it), if WRITE_DX
+    dscale_tok,  # (B*L, D) output dscale if SCALE_PER_TOKEN
+    dgate_tok,   # (B*L, D) output dgate if GATE_PER_TOKEN
+    dshift_ptr, dscale_ptr, dgate_ptr,  # (B, D) per-sample gradients, written directly unless SPLIT
+    sample_part,   # (3, B*S*D) fp32 partials of dshift, dscale, dgate when SPLIT
+    channel_part,  # (3, channel_stride) fp32 partials of dw, db, da (scalar alpha: one per program)
+    N, L, S, TPC, U, units,   # channels; tokens; chunks per sample; tiles per chunk; units per program; B*S
     stride_dhm, stride_drm, stride_rm, stride_xm, stride_drtm, stride_dxm,
     stride_gb, stride_gl, stride_scb, stride_scl,
-    steps,       # token tiles per program
-    HAS_RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr, SHIFT_PER_TOKEN: tl.constexpr,
-    SCALE_PER_TOKEN: tl.constexpr, GATE_PER_TOKEN: tl.constexpr, TANH: tl.constexpr,
+    sample_stride, channel_stride,
+    HAS_RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_DX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
+    SHIFT_PER_TOKEN: tl.constexpr, SCALE_PER_TOKEN: tl.constexpr, GATE_PER_TOKEN: tl.constexpr,
+    SPLIT: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # A program owns (sample b, token chunk g, channel block): per-sample and per-channel sums stay
-    # in registers across its `steps` token tiles, then leave as one fp32 partial row each.
     pid = tl.program_id(0)
-    n_col_blocks = tl.cdiv(N, BLOCK_N)
-    cb = pid % n_col_blocks
-    g = (pid // n_col_blocks) % G
-    b = pid // (n_col_blocks * G)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    block = pid % col_blocks
+    g = pid // col_blocks
+    cols = channel_cols(block, BLOCK_N)
     col_ok = cols < N
     if ALPHA_PER_CHANNEL:
-        a = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        a = load_channels(alpha_ptr, cols, col_ok, BLOCK_M)
     else:
         a = tl.load(alpha_ptr).to(tl.float32)
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        w = load_channels(w_ptr, cols, col_ok, BLOCK_M)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    b64 = b.to(tl.int64)
-    # Per-sample scale/gate load once, as full tiles with token stride 0: the tile's own layout (16-byte
-    # accesses, no layout shuffle), the repeats served from L1.
-    tile_rows = tl.arange(0, BLOCK_M)[:, None]
-    tile_ok = (tile_rows >= 0) & col_ok[None, :]
-    if not SCALE_PER_TOKEN:
-        scale = _load_mod(scale_ptr, b64, tile_rows, cols, stride_scb, 0, tile_ok)
-    if HAS_GATE and not GATE_PER_TOKEN:
-        gate = _load_mod(gate_ptr, b64, tile_rows, cols, stride_gb, 0, tile_ok)
+        bias = load_channels(b_ptr, cols, col_ok, BLOCK_M)
+    steps = U * TPC
+    u_end = tl.minimum(units, (g + 1) * U)
+
+    # Step 0's loads; every iteration then issues step i+1's before computing step i.
+    u = g * U
+    sample = u // S
+    chunk = u - sample * S
+    k = u * 0
+    tokens = (chunk * TPC + k) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = ((tokens < L) & (u < u_end))[:, None] & col_ok[None, :]
+    rows = sample * L + tokens
+    dh_n = tl.load(dh_ptr + row_offsets(rows, stride_dhm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
+    r_n = tl.load(r_ptr + row_offsets(rows, stride_rm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
+    # Per-sample scale/gate load with token stride 0: the sample's one vector as a broadcast tile.
+    sc_n = tl.load(scale_ptr + _mod_offsets(sample, tokens, stride_scb, stride_scl, INDEX_64) + cols[None, :],
+                   mask=mask, other=0.0)
+    if HAS_DR:
+        dr_n = tl.load(dr_ptr + row_offsets(rows, stride_drm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
+    if HAS_GATE:
+        x_n = tl.load(x_ptr + row_offsets(rows, stride_xm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
+        gt_n = tl.load(gate_ptr + _mod_offsets(sample, tokens, stride_gb, stride_gl, INDEX_64) + cols[None, :],
+                       mask=mask, other=0.0)
+
     acc_shift = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(steps):
-        tokens = ((g * steps + s) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask = (tokens < L)[:, None] & col_ok[None, :]
-        rows = (b64 * L + tokens)[:, None]
-        tok = tokens[:, None]
-        dh = tl.load(dh_ptr + rows * stride_dhm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + rows * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = tanh_f32(a * r, TANH)
+    for i in range(steps):
+        dh = dh_n.to(tl.float32)
+        r = r_n.to(tl.float32)
+        scale = sc_n.to(tl.float32)
+        if HAS_DR:
+            dr = dr_n.to(tl.float32)
+        if HAS_GATE:
+            x = x_n.to(tl.float32)
+            gate = gt_n.to(tl.float32)
+        valid = u < u_end
+        tokens = (chunk * TPC + k) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = ((tokens < L) & valid)[:, None] & col_ok[None, :]
+        rows = sample * L + tokens
+        # Prefetch step i+1 (fully masked past the program's run).
+        u_n, k_n, sample_n, chunk_n = _next_tile(u, k, sample, chunk, S, TPC)
+        tokens_n = (chunk_n * TPC + k_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_n = ((tokens_n < L) & (u_n < u_end))[:, None] & col_ok[None, :]
+        rows_n = sample_n * L + tokens_n
+        dh_n = tl.load(dh_ptr + row_offsets(rows_n, stride_dhm, INDEX_64) + cols[None, :], mask=mask_n, other=0.0)
+        r_n = tl.load(r_ptr + row_offsets(rows_n, stride_rm, INDEX_64) + cols[None, :], mask=mask_n, other=0.0)
+        sc_n = tl.load(scale_ptr + _mod_offsets(sample_n, tokens_n, stride_scb, stride_scl, INDEX_64)
+                       + cols[None, :], mask=mask_n, other=0.0)
+        if HAS_DR:
+            dr_n = tl.load(dr_ptr + row_offsets(rows_n, stride_drm, INDEX_64) + cols[None, :], mask=mask_n,
+                           other=0.0)
+        if HAS_GATE:
+            x_n = tl.load(x_ptr + row_offsets(rows_n, stride_xm, INDEX_64) + cols[None, :], mask=mask_n,
+                          other=0.0)
+            gt_n = tl.load(gate_ptr + _mod_offsets(sample_n, tokens_n, stride_gb, stride_gl, INDEX_64)
+                           + cols[None, :], mask=mask_n, other=0.0)
+
+        # Padded lanes hold r = 0; alpha = +-inf would make a*r NaN there and poison the sums.
+        t = tanh_f32(tl.where(mask, a * r, 0.0), TANH)
         n = t
         if HAS_WEIGHT:
             n = n * w
         if HAS_BIAS:
             n = n + bias
         if SCALE_PER_TOKEN:
-            scale = _load_mod(scale_ptr, b64, tok, cols, stride_scb, stride_scl, mask)
-            tl.store(dscale_ptr + rows * N + cols[None, :], (dh * n).to(dscale_ptr.dtype.element_ty), mask=mask)
+            tl.store(dscale_tok + row_offsets(rows, N, INDEX_64) + cols[None, :],
+                     (dh * n).to(dscale_tok.dtype.element_ty), mask=mask)
         else:
             acc_scale += dh * n
         if not SHIFT_PER_TOKEN:
@@ -178,29 +253,222 @@ def _modulate_bwd_kernel(
         acc_a += dz * r
         drt = a * dz
         if HAS_DR:
-            drt += tl.load(dr_ptr + rows * stride_drm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(drt_ptr + rows * stride_drtm + cols[None, :], drt.to(drt_ptr.dtype.element_ty), mask=mask)
+            drt += dr
+        tl.store(drt_ptr + row_offsets(rows, stride_drtm, INDEX_64) + cols[None, :],
+                 drt.to(drt_ptr.dtype.element_ty), mask=mask)
         if HAS_GATE:
-            x = tl.load(x_ptr + rows * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if GATE_PER_TOKEN:
-                gate = _load_mod(gate_ptr, b64, tok, cols, stride_gb, stride_gl, mask)
-                tl.store(dgate_ptr + rows * N + cols[None, :], (drt * x).to(dgate_ptr.dtype.element_ty), mask=mask)
+                tl.store(dgate_tok + row_offsets(rows, N, INDEX_64) + cols[None, :],
+                         (drt * x).to(dgate_tok.dtype.element_ty), mask=mask)
             else:
                 acc_gate += drt * x
-            tl.store(dx_ptr + rows * stride_dxm + cols[None, :], (gate * drt).to(dx_ptr.dtype.element_ty), mask=mask)
-    part_row = (b64 * G + g) * N + cols
-    BGN = B * G * N
-    if not SHIFT_PER_TOKEN:
-        tl.store(sample_part + part_row, tl.sum(acc_shift, axis=0), mask=col_ok)
-    if not SCALE_PER_TOKEN:
-        tl.store(sample_part + BGN + part_row, tl.sum(acc_scale, axis=0), mask=col_ok)
-    if HAS_GATE and not GATE_PER_TOKEN:
-        tl.store(sample_part + 2 * BGN + part_row, tl.sum(acc_gate, axis=0), mask=col_ok)
+            tl.store(dx_ptr + row_offsets(rows, stride_dxm, INDEX_64) + cols[None, :],
+                     (gate * drt).to(dx_ptr.dtype.element_ty), mask=mask)
+        elif WRITE_DX:
+            tl.store(dx_ptr + row_offsets(rows, stride_dxm, INDEX_64) + cols[None, :],
+                     drt.to(dx_ptr.dtype.element_ty), mask=mask)
+
+        # A unit ends: its per-sample sums leave, as gradients or as one fp32 partial row.
+        if (k == TPC - 1) & valid:
+            if SPLIT:
+                out = (sample * S + chunk).to(tl.int64) * N + cols
+                if not SHIFT_PER_TOKEN:
+                    tl.store(sample_part + out, tl.sum(acc_shift, axis=0), mask=col_ok)
+                if not SCALE_PER_TOKEN:
+                    tl.store(sample_part + sample_stride + out, tl.sum(acc_scale, axis=0), mask=col_ok)
+                if HAS_GATE and not GATE_PER_TOKEN:
+                    tl.store(sample_part + 2 * sample_stride + out, tl.sum(acc_gate, axis=0), mask=col_ok)
+            else:
+                out = sample.to(tl.int64) * N + cols
+                if not SHIFT_PER_TOKEN:
+                    tl.store(dshift_ptr + out, tl.sum(acc_shift, axis=0).to(dshift_ptr.dtype.element_ty),
+                             mask=col_ok)
+                if not SCALE_PER_TOKEN:
+                    tl.store(dscale_ptr + out, tl.sum(acc_scale, axis=0).to(dscale_ptr.dtype.element_ty),
+                             mask=col_ok)
+                if HAS_GATE and not GATE_PER_TOKEN:
+                    tl.store(dgate_ptr + out, tl.sum(acc_gate, axis=0).to(dgate_ptr.dtype.element_ty),
+                             mask=col_ok)
+            acc_shift = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u, k, sample, chunk = u_n, k_n, sample_n, chunk_n
+
+    out = g * N + cols
     if HAS_WEIGHT:
-        tl.store(channel_part + part_row, tl.sum(acc_w, axis=0), mask=col_ok)
+        tl.store(channel_part + out, tl.sum(acc_w, axis=0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(channel_part + BGN + part_row, tl.sum(acc_b, axis=0), mask=col_ok)
-    tl.store(channel_part + 2 * BGN + part_row, tl.sum(acc_a, axis=0), mask=col_ok)
+        tl.store(channel_part + channel_stride + out, tl.sum(acc_b, axis=0), mask=col_ok)
+    if ALPHA_PER_CHANNEL:
+        tl.store(channel_part + 2 * channel_stride + out, tl.sum(acc_a, axis=0), mask=col_ok)
+    else:
+        tl.store(channel_part + 2 * channel_stride + pid, tl.sum(tl.sum(acc_a, axis=0), axis=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch plans.
+
+@dataclass(frozen=True)
+class FwdFlags:
+    has_residual: bool
+    has_gate: bool
+    has_weight: bool
+    has_bias: bool
+    alpha_per_channel: bool
+
+
+@dataclass(frozen=True)
+class BwdFlags:
+    has_residual: bool
+    has_dr: bool
+    has_gate: bool
+    write_dx: bool
+    has_weight: bool
+    has_bias: bool
+    alpha_per_channel: bool
+    shift_per_token: bool
+    scale_per_token: bool
+    gate_per_token: bool
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    tile: P.Tile
+    grid: int
+    index64: bool
+    spec: P.KernelSpec
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    tile: P.Tile
+    col_blocks: int
+    programs: int          # programs per column block
+    chunks: int            # S: each sample's tokens split into this many units
+    tiles_per_chunk: int   # TPC
+    units_per_program: int  # U
+    grid: int
+    index64: bool
+    programs_per_sm: int
+    spec: P.KernelSpec
+
+    @property
+    def split(self) -> bool:
+        return self.chunks > 1
+
+
+BWD_MAX_BLOCK_N = 512
+BWD_WARPS = 4
+BWD_VECTORS = 1  # 16-byte vectors of each stream per thread and tile
+
+
+def _divisible(values: dict[str, int]) -> tuple:
+    return tuple(name for name, v in values.items() if v % 16 == 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_forward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flags: FwdFlags,
+                 props: P.DeviceProps) -> ForwardPlan:
+    """dtypes: (residual, gate, shift, scale, alpha, weight, bias) element types."""
+    M = B * L
+    P.check_rows(M)
+    tile = P.streaming_tile(M, D, dtype, _FWD_MAX_BLOCK_N)
+    index64 = P.needs_index64(M * D)
+    res_t, gate_t, shift_t, scale_t, alpha_t, w_t, b_t = dtypes
+    ints = {"M": M, "N": D, "L": L, "stride_xm": D, "stride_resm": D, "stride_hm": D, "stride_rm": D,
+            "stride_gb": D, "stride_gl": D, "stride_shb": D, "stride_shl": D, "stride_scb": D, "stride_scl": D}
+    ptrs = (("x_ptr", dtype), ("res_ptr", res_t), ("gate_ptr", gate_t), ("shift_ptr", shift_t),
+            ("scale_ptr", scale_t), ("alpha_ptr", alpha_t), ("w_ptr", w_t), ("b_ptr", b_t), ("h_ptr", dtype),
+            ("r_ptr", res_t))
+    spec = P.KernelSpec(
+        _modulate_fwd_kernel,
+        tuple((n, P.pointer(t)) for n, t in ptrs) + tuple((n, "i32") for n in ints),
+        (("HAS_RESIDUAL", flags.has_residual), ("HAS_GATE", flags.has_gate), ("HAS_WEIGHT", flags.has_weight),
+         ("HAS_BIAS", flags.has_bias), ("ALPHA_PER_CHANNEL", flags.alpha_per_channel),
+         ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
+         ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n)),
+        tuple(n for n, _ in ptrs) + _divisible(ints), tile.num_warps, P.STREAM_MAXNREG)
+    return ForwardPlan(tile, P.cdiv(M, tile.block_m) * P.cdiv(D, tile.block_n), index64, spec)
+
+
+def choose_split(B: int, T: int, programs: int) -> tuple[int, int, int, int]:
+    """(S chunks per sample, tiles per chunk, units per program, programs) for B samples of T tiles
+    over at most `programs` programs: the fewest chunks whose busiest program does at most ~10% more
+    than an even share (splitting costs fp32 partials and a finishing pass)."""
+    ideal = B * T / programs
+    best = None
+    for tpc in sorted({P.cdiv(T, s) for s in range(1, T + 1)}, reverse=True):
+        S = P.cdiv(T, tpc)
+        units = B * S
+        U = P.cdiv(units, programs)
+        busiest = U * tpc
+        if best is None or busiest < best[0]:
+            best = (busiest, S, tpc, U, P.cdiv(units, U))
+        if busiest <= 1.1 * ideal + 1:
+            return S, tpc, U, P.cdiv(units, U)
+    return best[1:]
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_backward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flags: BwdFlags,
+                  props: P.DeviceProps) -> BackwardPlan:
+    """dtypes: (r, gate, scale, alpha, weight, bias, shift) element types."""
+    M = B * L
+    P.check_rows(M)
+    per_thread = P.vector_width(dtype) * BWD_VECTORS
+    # Rows of one sample at most (a tile never spans two samples), columns to fill the warps.
+    tile = P.tile_for(min(L, M), D, BWD_WARPS * 32 * per_thread, BWD_MAX_BLOCK_N, BWD_WARPS, per_thread)
+    index64 = P.needs_index64(M * D)
+    r_t, gate_t, scale_t, alpha_t, w_t, b_t, shift_t = dtypes
+    ints = {"N": D, "L": L, "S": 1, "TPC": 1, "U": 1, "units": 1, "stride_dhm": D, "stride_drm": D,
+            "stride_rm": D, "stride_xm": D, "stride_drtm": D, "stride_dxm": D, "stride_gb": D, "stride_gl": D,
+            "stride_scb": D, "stride_scl": D, "sample_stride": 1, "channel_stride": 1}
+    ptrs = (("dh_ptr", dtype), ("dr_ptr", r_t), ("r_ptr", r_t), ("x_ptr", dtype), ("gate_ptr", gate_t),
+            ("scale_ptr", scale_t), ("alpha_ptr", alpha_t), ("w_ptr", w_t), ("b_ptr", b_t), ("drt_ptr", r_t),
+            ("dx_ptr", dtype), ("dscale_tok", scale_t), ("dgate_tok", gate_t), ("dshift_ptr", shift_t),
+            ("dscale_ptr", scale_t), ("dgate_ptr", gate_t), ("sample_part", torch.float32),
+            ("channel_part", torch.float32))
+    T = P.cdiv(L, tile.block_m)
+    col_blocks = P.cdiv(D, tile.block_n)
+
+    def spec_for(split: bool) -> P.KernelSpec:
+        return P.KernelSpec(
+            _modulate_bwd_kernel,
+            tuple((n, P.pointer(t)) for n, t in ptrs) + tuple((n, "i32") for n in ints),
+            (("HAS_RESIDUAL", flags.has_residual), ("HAS_DR", flags.has_dr), ("HAS_GATE", flags.has_gate),
+             ("WRITE_DX", flags.write_dx), ("HAS_WEIGHT", flags.has_weight), ("HAS_BIAS", flags.has_bias),
+             ("ALPHA_PER_CHANNEL", flags.alpha_per_channel), ("SHIFT_PER_TOKEN", flags.shift_per_token),
+             ("SCALE_PER_TOKEN", flags.scale_per_token), ("GATE_PER_TOKEN", flags.gate_per_token),
+             ("SPLIT", split), ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
+             ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n)),
+            tuple(n for n, _ in ptrs) + _divisible(ints), tile.num_warps)
+
+    per_sm = P.occupancy(spec_for(True).resources(props), tile.num_warps, props)
+    if per_sm < 1:
+        raise RuntimeError(f"dyt_modulate backward tile {tile} does not fit one SM of {props.name}")
+    slots = max(1, (per_sm * props.sm_count) // col_blocks)
+    S, tpc, U, programs = choose_split(B, T, slots)
+    spec = spec_for(S > 1)
+    return BackwardPlan(tile, col_blocks, programs, S, tpc, U, programs * col_blocks, index64, per_sm, spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers.
+
+_FWD = P.LaunchCache()
+_BWD = P.LaunchCache()
+
+
+def _forward_launch(key) -> P.Launch:
+    B, L, D, dtype, *dtypes = key[:11]
+    p = plan_forward(B, L, D, dtype, tuple(dtypes), FwdFlags(*key[11:16]), P.device_props(key[16]))
+    return _FWD.add(key, P.launch_of(p, p.spec, p.grid))
+
+
+def _backward_launch(key) -> P.Launch:
+    B, L, D, dtype, *dtypes = key[:11]
+    p = plan_backward(B, L, D, dtype, tuple(dtypes), BwdFlags(*key[11:21]), P.device_props(key[21]))
+    return _BWD.add(key, P.launch_of(p, p.spec, p.grid))
 
 
 def _mod_strides(m: Tensor | None, L: int) -> tuple[Tensor | None, int, int]:
@@ -214,141 +482,98 @@ def _mod_strides(m: Tensor | None, L: int) -> tuple[Tensor | None, int, int]:
     return m, m.stride(0), 0
 
 
-def _empty(x: Tensor) -> Tensor:
-    return x.new_empty((0,))
+def _dt(t: Tensor | None, default: torch.dtype) -> torch.dtype:
+    return default if t is None else t.dtype
 
 
-@triton_op("dyt_kernels::dyt_modulate_fwd", mutates_args=())
-def dyt_modulate_fwd(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor],
-                     bias: Optional[Tensor], residual: Optional[Tensor], gate: Optional[Tensor]
-                     ) -> tuple[Tensor, Tensor]:
-    """(h, r); r is empty without a residual."""
-    if not use_triton(x):
-        out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
-        return (out, _empty(x)) if residual is None else out
+def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+            residual: Tensor | None, gate: Tensor | None, launch=None) -> tuple[Tensor, Tensor | None]:
+    """(h, r) with one launch; r is None without a residual."""
     B, L, D = x.shape
-    h = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
-    r = _empty(x) if residual is None else torch.empty((B, L, D), dtype=residual.dtype, device=x.device)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    r = None if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return h, r
-    x2, h2 = as_rows(x, D), h.view(-1, D)
-    res2 = x2 if residual is None else as_rows(residual, D)
-    r2 = h2 if residual is None else r.view(-1, D)
-    gate, sgb, sgl = _mod_strides(gate, L)
-    shift, sshb, sshl = _mod_strides(shift, L)
-    scale, sscb, sscl = _mod_strides(scale, L)
-    M = B * L
-    block_m, block_n, num_warps = tile_config(M, D, x.element_size())
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(D, block_n),)
-    wrap_triton(_modulate_fwd_kernel)[grid](
-        x2, res2, x2 if gate is None else gate, shift, scale, alpha,
+    x2, h2 = rows_view(x, D), h.view(-1, D)
+    res2 = x2 if residual is None else rows_view(residual, D)
+    r2 = h2 if r is None else r.view(-1, D)
+    gate_t, sgb, sgl = _mod_strides(gate, L)
+    shift_t, sshb, sshl = _mod_strides(shift, L)
+    scale_t, sscb, sscl = _mod_strides(scale, L)
+    key = (B, L, D, x.dtype, _dt(residual, x.dtype), _dt(gate, x.dtype), shift.dtype, scale.dtype, alpha.dtype,
+           _dt(weight, alpha.dtype), _dt(bias, alpha.dtype), residual is not None, gate is not None,
+           weight is not None, bias is not None, alpha.numel() > 1, x.device)
+    cfg = _FWD.get(key) or _forward_launch(key)
+    (_modulate_fwd_kernel if launch is None else launch(_modulate_fwd_kernel))[cfg.grid](
+        x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
         x2 if weight is None else weight, x2 if bias is None else bias, h2, r2,
-        M, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0),
-        sgb, sgl, sshb, sshl, sscb, sscl,
-        HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=alpha.numel() > 1, TANH=tanh_mode(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+        B * L, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0),
+        sgb, sgl, sshb, sshl, sscb, sscl, **cfg.kwargs)
     return h, r
 
 
-@triton_op("dyt_kernels::dyt_modulate_bwd", mutates_args=())
-def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alpha: Tensor, scale: Tensor,
-                     weight: Optional[Tensor], bias: Optional[Tensor], gate: Optional[Tensor], has_residual: bool,
-                     shift_per_token: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha), as reference.dyt_modulate_backward
-    returns them; absent ones come back empty, and so does dx when it equals dresidual (residual
-    without gate: custom-op outputs may not alias)."""
-    r = r if has_residual else x
-    if not use_triton(x):
-        grads = list(reference.dyt_modulate_backward(dh, dr, x, r, alpha, scale, weight, bias, has_residual,
-                                                     gate, shift_per_token))
-    else:
-        grads = _modulate_bwd_triton(dh, dr, x, r, alpha, scale, weight, bias, has_residual, gate,
-                                     shift_per_token)
-    if has_residual and gate is None:
-        grads[0] = None
-    return tuple(_empty(x) if g is None else g for g in grads)
-
-
-def _modulate_bwd_triton(dh, dr, x, r, alpha, scale, weight, bias, has_residual, gate, shift_per_token):
+def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor,
+             weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, has_residual: bool, launch=None):
+    """(dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha) with two launches, each shaped
+    and typed like its input; None for absent inputs, and dshift None when shift is per token (its
+    gradient is dh itself). r is the norm's input (x itself without a residual)."""
     B, L, D = x.shape
-    scale_tok = per_token(scale, L)
+    dev = x.device
+    shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
     gate_tok = gate is not None and per_token(gate, L)
-    drt = torch.empty((B, L, D), dtype=r.dtype, device=x.device)
-    dx = torch.empty_like(drt, dtype=x.dtype) if gate is not None else None
-    dscale = torch.empty((B, L, D), dtype=scale.dtype, device=x.device) if scale_tok else None
-    dgate = torch.empty((B, L, D), dtype=gate.dtype, device=x.device) if gate_tok else None
+    write_dx = has_residual and (gate is not None or x.dtype != r.dtype)
+    drt = torch.empty((B, L, D), dtype=r.dtype, device=dev)
+    dx = torch.empty((B, L, D), dtype=x.dtype, device=dev) if write_dx else drt
+    dshift = None if shift_tok else torch.empty(shift.shape, dtype=shift.dtype, device=dev)
+    dscale = torch.empty(scale.shape, dtype=scale.dtype, device=dev)
+    dgate = None if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=dev)
+    dw = None if weight is None else torch.empty_like(weight)
+    db = None if bias is None else torch.empty_like(bias)
+    da = torch.empty_like(alpha)
+    grads = [dx, drt if has_residual else None, dgate, dshift, dscale, dw, db, da]
     if x.numel() == 0:
-        zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
-        red = lambda like: torch.zeros((B, D), dtype=like.dtype, device=x.device)  # noqa: E731
-        return [dx if gate is not None else drt, drt if has_residual else None,
-                None if gate is None else (dgate if gate_tok else red(gate)),
-                None if shift_per_token else torch.zeros((B, D), device=x.device),
-                dscale if scale_tok else red(scale), zeros(weight), zeros(bias), torch.zeros_like(alpha)]
-    dh2, r2, drt2 = as_rows(dh, D), as_rows(r, D), drt.view(-1, D)
-    dr2 = r2 if dr is None else as_rows(dr, D)
-    x2 = as_rows(x, D) if gate is not None else r2
-    dx2 = drt2 if dx is None else dx.view(-1, D)
+        for t in grads[2:]:
+            if t is not None:
+                t.zero_()
+        return grads
+    dh2, r2, drt2 = rows_view(dh, D), rows_view(r, D), drt.view(-1, D)
+    dr2 = r2 if dr is None else rows_view(dr, D)
+    x2 = rows_view(x, D) if gate is not None else r2
+    dx2 = dx.view(-1, D)
     gate_t, sgb, sgl = _mod_strides(gate, L)
     scale_t, sscb, sscl = _mod_strides(scale, L)
-    # Up to six fp32 accumulators live per tile: a quarter of the forward's tile.
-    block_m, block_n, num_warps = tile_config(L, D, x.element_size(), tile_bytes=2048 * x.element_size(), max_block_n=512)
-    n_col_blocks = triton.cdiv(D, block_n)
-    steps_total = triton.cdiv(L, block_m)
-    G = reduction_programs(x.device, steps_total, B * n_col_blocks)
-    steps = triton.cdiv(steps_total, G)
-    G = triton.cdiv(steps_total, steps)
-    sample_part = torch.empty((3, B, G, D), dtype=torch.float32, device=x.device)
-    channel_part = torch.empty((3, B * G, D), dtype=torch.float32, device=x.device)
-    wrap_triton(_modulate_bwd_kernel)[(B * G * n_col_blocks,)](
+    key = (B, L, D, x.dtype, r.dtype, _dt(gate, x.dtype), scale.dtype, alpha.dtype, _dt(weight, alpha.dtype),
+           _dt(bias, alpha.dtype), shift.dtype, has_residual, dr is not None, gate is not None, write_dx,
+           weight is not None, bias is not None, alpha.numel() > 1, shift_tok, scale_tok, gate_tok, dev)
+    cfg = _BWD.get(key) or _backward_launch(key)
+    p = cfg.plan
+    units = B * p.chunks
+    sample_part = torch.empty((3, units * D if p.split else 1), dtype=torch.float32, device=dev)
+    channel_stride = max(p.programs * D, p.grid)
+    channel_part = torch.empty((3, channel_stride), dtype=torch.float32, device=dev)
+    tok = lambda t: drt2 if t is None or not per_token(t, L) else t.view(-1, D)  # noqa: E731
+    flat = lambda t: sample_part if t is None or per_token(t, L) else t  # noqa: E731
+    (_modulate_bwd_kernel if launch is None else launch(_modulate_bwd_kernel))[cfg.grid](
         dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
         x2 if weight is None else weight, x2 if bias is None else bias,
-        drt2, dx2, drt2 if dscale is None else dscale, drt2 if dgate is None else dgate,
-        sample_part, channel_part, B, D, L, G,
+        drt2, dx2, tok(dscale if scale_tok else None), tok(dgate if gate_tok else None),
+        flat(dshift), flat(None if scale_tok else dscale), flat(None if gate_tok else dgate),
+        sample_part, channel_part,
+        D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, units,
         dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
-        sgb, sgl, sscb, sscl, steps,
-        HAS_RESIDUAL=has_residual, HAS_DR=dr is not None, HAS_GATE=gate is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=alpha.numel() > 1,
-        SHIFT_PER_TOKEN=shift_per_token, SCALE_PER_TOKEN=scale_tok, GATE_PER_TOKEN=gate_tok,
-        TANH=tanh_mode(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
-    per_sample = sample_part.sum(2)    # (3, B, D), fixed-order reductions
-    per_channel = channel_part.sum(1)  # (3, D)
-    dshift = None if shift_per_token else per_sample[0].clone()
-    if not scale_tok:
-        dscale = per_sample[1].to(scale.dtype, copy=True)
-    if gate is not None and not gate_tok:
-        dgate = per_sample[2].to(gate.dtype, copy=True)
-    dw = None if weight is None else per_channel[0].to(weight.dtype, copy=True)
-    db = None if bias is None else per_channel[1].to(bias.dtype, copy=True)
-    da = (per_channel[2] if alpha.numel() > 1 else per_channel[2].sum()).reshape(alpha.shape)
-    da = da.to(alpha.dtype, copy=True)
-    return [dx if gate is not None else drt, drt if has_residual else None, dgate, dshift, dscale, dw, db, da]
-
-
-def _setup_context(ctx, inputs, output):
-    x, alpha, shift, scale, weight, bias, residual, gate = inputs
-    _, r = output
-    ctx.has_residual = residual is not None
-    ctx.shift_per_token = per_token(shift, x.shape[1])
-    ctx.shift_shape, ctx.shift_dtype = shift.shape, shift.dtype
-    ctx.save_for_backward(x, r, alpha, scale, weight, bias, gate)
-    ctx.backend = get_backend()  # the backward runs on the forward's backend, wherever .backward() is called
-
-
-def _backward(ctx, dh, dr):
-    x, r, alpha, scale, weight, bias, gate = ctx.saved_tensors
-    with use_backend(ctx.backend):
-        dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
-            dh, dr if ctx.has_residual else None, x, r, alpha, scale, weight, bias, gate, ctx.has_residual,
-            ctx.shift_per_token)
-    if ctx.has_residual and gate is None:
-        dx = dres.to(x.dtype)
-    dshift = (dh if ctx.shift_per_token else dshift).reshape(ctx.shift_shape).to(ctx.shift_dtype)
-    opt = lambda g, p: None if p is None else g.reshape(p.shape)  # noqa: E731
-    return (dx, da, dshift, dscale.reshape(scale.shape), opt(dw, weight), opt(db, bias),
-            dres if ctx.has_residual else None, opt(dgate, gate))
-
-
-dyt_modulate_fwd.register_autograd(_backward, setup_context=_setup_context)
+        sgb, sgl, sscb, sscl, sample_part.shape[1], channel_stride, **cfg.kwargs)
+    jobs = []
+    if dw is not None:
+        jobs.append((channel_part[0], dw, 1, p.programs, D))
+    if db is not None:
+        jobs.append((channel_part[1], db, 1, p.programs, D))
+    if alpha.numel() > 1:
+        jobs.append((channel_part[2], da, 1, p.programs, D))
+    else:
+        jobs.append((channel_part[2], da, 1, p.grid, 1))
+    if p.split:
+        for i, dst in enumerate((dshift, None if scale_tok else dscale, None if gate_tok else dgate)):
+            if dst is not None:
+                jobs.append((sample_part[i], dst, B, p.chunks, D))
+    finish(jobs, launch)
+    return grads
