@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._checks import check_finite
 from .checkpoint import warn_on_layernorm_state
@@ -104,6 +106,40 @@ def _plan(model: nn.Module, include_rmsnorm: bool, module_filter: PerModule | No
     return _Plan(report, kinds)
 
 
+# The parameters of the norms the converter replaced, while something (an optimizer) keeps them alive:
+# id -> weak reference (a WeakSet compares tensors with ==, which is elementwise).
+_replaced_parameters: dict = {}
+_checked_optimizers: weakref.WeakSet = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _was_replaced(p: torch.Tensor) -> bool:
+    ref = _replaced_parameters.get(id(p))
+    return ref is not None and ref() is p
+
+
+def _warn_if_optimizer_predates_conversion(optimizer, args, kwargs) -> None:
+    """Global optimizer step pre-hook: an optimizer built before converting steps the replaced norms'
+    orphaned tensors and never the DyT parameters; say so at its first step (checked once per optimizer)."""
+    if optimizer in _checked_optimizers:
+        return
+    _checked_optimizers.add(optimizer)
+    stale = sum(_was_replaced(p) for group in optimizer.param_groups for p in group["params"])
+    if stale:
+        warnings.warn(f"{type(optimizer).__name__} holds {stale} parameter(s) of norms that convert_layernorm_to_dyt "
+                      f"replaced: it was built before converting and will not train the DyT parameters. Build the "
+                      f"optimizer after converting.", UserWarning, stacklevel=3)
+
+
+def _watch_optimizers(replaced: list[nn.Module]) -> None:
+    global _optimizer_hook
+    for norm in replaced:
+        for p in norm.parameters():
+            _replaced_parameters[id(p)] = weakref.ref(p, lambda _, key=id(p): _replaced_parameters.pop(key, None))
+    if _optimizer_hook is None and replaced:
+        _optimizer_hook = register_optimizer_step_pre_hook(_warn_if_optimizer_predates_conversion)
+
+
 def _placement(norm: nn.Module, ancestors: list[nn.Module]) -> tuple[torch.device | None, torch.dtype | None]:
     """Device and dtype for the DyT: the norm's own parameters, else those of its nearest ancestor that has any.
 
@@ -154,6 +190,7 @@ def _apply(model: nn.Module, plan: _Plan, opts: dict) -> dict[int, DyT]:
     by_id = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
     new = {m_id: _build(by_id[m_id], name, kind, ancestors.get(m_id, []), opts)
            for m_id, (name, kind) in plan.kinds.items()}
+    _watch_optimizers([by_id[m_id] for m_id in new])
     # One DyT per norm *instance*: a norm registered in several places (weight tying) stays shared.
     # _modules is walked directly because named_children() skips a module's repeats.
     for parent in list(model.modules()):
@@ -203,7 +240,8 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: NumberOption
     ``module_filter(qualified_name, module) -> bool`` chooses which norms convert. ``fuse_modulation``
     routes diffusers' norm + scale/shift chains through dyt_modulate (see integrations/diffusers.py).
 
-    Build the optimizer after converting: the DyT parameters are new tensors. Load a LayerNorm
+    Build the optimizer after converting: the DyT parameters are new tensors (an optimizer built
+    before warns at its first step). Load a LayerNorm
     checkpoint before converting; load a DyT checkpoint with load_dyt_state_dict / load_pretrained_dyt.
     What was converted and left alone is logged (logger "dyt_kernels.convert", INFO; conversion_report
     returns the same as an object). Returns the model; if ``model`` is itself a norm, its replacement.

@@ -729,3 +729,16 @@ def test_load_pretrained_dyt_from_a_base_model_into_one_with_a_head(tmp_path):
     for name, m in base.named_modules():
         if isinstance(m, DyT):
             assert torch.equal(with_head.get_submodule("bert." + name).alpha, m.alpha), name
+
+
+def test_optimizer_built_before_converting_warns_at_its_first_step():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert_layernorm_to_dyt(model)
+    late = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 8)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        late.step()                                    # built after: holds the DyT, nothing to say
+    with pytest.warns(UserWarning, match="SGD holds 2 parameter.*built before converting"):
+        early.step()
