@@ -257,7 +257,12 @@ def _check_against_oracle(label, case, classes, model, hand, hand64, inputs, bac
     assert_close_3way(f"{label} output", out, ref, naive, _atol(ref))
     assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
     for n, g in grads.items():
-        assert_close_3way(f"{label} d {n}", g, ref_grads[n], naive_grads[n], _atol(ref_grads[n]))
+        ref_g, naive_err = ref_grads[n], max_abs_err(naive_grads[n], ref_grads[n])
+        # A gradient that is zero in exact math (an attention key bias: softmax ignores a shift of every
+        # key) comes out of any fp32 run as pure rounding noise, whose size depends on the order of the
+        # sums; there the tested run is held to 8x the naive run's noise instead of 2x.
+        factor = 8.0 if max_abs(ref_g) <= 100 * naive_err else 2.0
+        assert_close_3way(f"{label} d {n}", g, ref_g, naive_grads[n], _atol(ref_g), factor=factor)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -292,9 +297,11 @@ def test_library_model_matches_float64_dyt(name):
     assert_close_3way(f"{name} output after a step", out, ref, naive, _atol(ref))
 
 
-@pytest.mark.parametrize("name,fuse", [("timm_convnext", False), ("pixart", True), ("llama", False)])
+@pytest.mark.parametrize("name,fuse", [("timm_convnext", False), ("pixart", True), ("dit", True), ("llama", False)])
 def test_library_model_on_triton_interpreter(name, fuse):
     case, classes, model, inputs = _build_case(name)
+    if name == "timm_convnext":  # 32x32 images: a quarter of the interpreter's programs (9 s -> 1 s)
+        inputs = {"x": torch.randn(2, 3, 32, 32)}
     hand, hand64 = hand_built_dyt(model, classes), hand_built_dyt(model, classes).double()
     _convert(case, model, fuse_modulation=fuse)
     _check_against_oracle(name, case, classes, model, hand, hand64, inputs, backend="triton")
