@@ -17,7 +17,10 @@ setup(
         # Benchmarks: plots; liger-kernel is optional (a baseline when importable).
         "bench": ["matplotlib"],
         # The test suite covers everything, training and the benchmark harness included; scipy
-        # cross-checks the FID's matrix square root.
-        "dev": ["pytest>=8", "scipy"] + TRAIN,
+        # cross-checks the FID's matrix square root; timm, diffusers and transformers (safetensors:
+        # their checkpoint format, read by load_pretrained_dyt) are the converter's real-model tests,
+        # capped at the releases those tests were written against.
+        "dev": ["pytest>=8", "scipy", "timm<=1.0.31", "diffusers<=0.42.1", "transformers<=5.24.0", "safetensors"]
+        + TRAIN,
     },
 )

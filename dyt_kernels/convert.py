@@ -1,47 +1,250 @@
-"""convert_layernorm_to_dyt: swap every LayerNorm (and optionally RMSNorm) of any model for DyT."""
+"""convert_layernorm_to_dyt: swap the LayerNorms (and RMSNorms) of a model nobody here wrote for DyT.
+
+Two steps: plan (decide, for every norm instance, what it computes and whether it converts; see
+recognize.py) then apply (build each DyT, put it at every place the norm was registered). The plan is
+public as conversion_report(), so a user can see what would change before anything does.
+"""
 from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .modules import DyT
+from ._checks import check_finite
+from .checkpoint import warn_on_layernorm_state
+from .compat import keep_third_party_paths_working
+from .modules import DyT, ModulatedDyT
+from .recognize import NOT_REPLACEABLE, NormKind, describe, is_norm_named, recognize
+
+logger = logging.getLogger(__name__)
+
+PerModule = Callable[[str, nn.Module], object]
+NumberOption = Union[float, PerModule]
 
 
-def _norm_types(include_rmsnorm: bool) -> tuple[type, ...]:
-    types: tuple[type, ...] = (nn.LayerNorm,)
-    if include_rmsnorm and hasattr(nn, "RMSNorm"):
-        types += (nn.RMSNorm,)
-    return types
+@dataclass
+class ConversionReport:
+    """What convert_layernorm_to_dyt changes (or changed) in a model.
+
+    converted: source class name -> instances that become DyT. fused: diffusers class -> modules whose
+    norm + modulation runs through dyt_modulate. left_alone: qualified name -> why that normalization
+    layer is not converted. excluded: qualified names module_filter declined.
+    """
+    converted: Counter = field(default_factory=Counter)
+    fused: Counter = field(default_factory=Counter)
+    left_alone: dict = field(default_factory=dict)
+    excluded: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        counts = lambda c: ", ".join(f"{n} {name}" for name, n in sorted(c.items())) or "nothing"  # noqa: E731
+        lines = [f"converted to DyT: {counts(self.converted)}"]
+        if self.fused:
+            lines.append(f"norm + modulation fused into dyt_modulate: {counts(self.fused)}")
+        if self.excluded:
+            lines.append(f"excluded by module_filter: {len(self.excluded)} ({', '.join(self.excluded)})")
+        if self.left_alone:
+            lines.append(f"left alone: {len(self.left_alone)} normalization layer(s)")
+            lines += [f"  {name}: {why}" for name, why in self.left_alone.items()]
+        return "\n".join(lines)
 
 
-def _dyt_like(norm: nn.Module, fallback: nn.Module, alpha_init_value: float, copy_affine: bool) -> DyT:
-    ref = next(norm.parameters(), None)
-    if ref is None:  # a norm without affine parameters: follow the surrounding model's placement
-        ref = next(fallback.parameters(), None)
-    device = ref.device if ref is not None else None
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    new = DyT(norm.normalized_shape, elementwise_affine=weight is not None, bias=bias is not None,
-              device=device, dtype=dtype, alpha_init_value=alpha_init_value)
-    new.train(norm.training)
-    for name in ("weight", "bias"):
-        old_p, new_p = getattr(norm, name, None), getattr(new, name)
-        if old_p is None:
+@dataclass
+class _Plan:
+    report: ConversionReport
+    kinds: dict          # id(norm) -> (first qualified name, NormKind)
+
+
+def _per_module(option, name: str, module: nn.Module):
+    return option(name, module) if callable(option) else option
+
+
+def _label(cls: type) -> str:
+    """torch's classes by name; others by module too (timm's LayerNorm is not torch's)."""
+    return cls.__name__ if cls.__module__.startswith("torch.") else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plan(model: nn.Module, include_rmsnorm: bool, module_filter: PerModule | None) -> _Plan:
+    report, kinds = ConversionReport(), {}
+    families = ("layer", "rms") if include_rmsnorm else ("layer",)
+    for name, m in model.named_modules():  # each instance once, under its first name
+        m_id = id(m)
+        shown = name or "(the model itself)"
+        cls = _label(type(m))
+        if isinstance(m, (DyT, ModulatedDyT)):
             continue
-        if copy_affine:
+        torch_rms = hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)
+        candidate = isinstance(m, nn.LayerNorm) or torch_rms or (is_norm_named(m) and not m._modules)
+        if not candidate and not isinstance(m, NOT_REPLACEABLE):
+            continue
+        if module_filter is not None and not module_filter(name, m):
+            report.excluded.append(shown)
+            continue
+        if isinstance(m, NOT_REPLACEABLE):
+            report.left_alone[shown] = f"{cls}: normalizes over groups, the batch or positions, not per token"
+            continue
+        # Every leaf norm is probed for both families, so an RMSNorm left alone says so.
+        kind, why = recognize(m, ("layer",) if isinstance(m, nn.LayerNorm) else ("layer", "rms"))
+        if kind is None:
+            report.left_alone[shown] = f"{cls}: what it computes could not be established: {why}"
+        elif kind.family not in families:
+            report.left_alone[shown] = f"{cls}: an RMSNorm ({describe(kind)}); pass include_rmsnorm=True to convert it"
+        elif kind.one_plus_weight:
+            report.left_alone[shown] = (f"{cls}: scales by (1 + weight); DyT's weight would not mean the same "
+                                        f"thing in this class's checkpoints, so it is not converted")
+        elif getattr(m, "bias", None) is not None and getattr(m, "weight", None) is None:
+            report.left_alone[shown] = f"{cls}: has a bias but no weight, which DyT cannot hold"
+        else:
+            kinds[m_id] = (name, kind)
+            report.converted[cls] += 1
+    return _Plan(report, kinds)
+
+
+# The parameters of the norms the converter replaced, while something (an optimizer) keeps them alive:
+# id -> weak reference (a WeakSet compares tensors with ==, which is elementwise).
+_replaced_parameters: dict = {}
+_checked_optimizers: weakref.WeakSet = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _was_replaced(p: torch.Tensor) -> bool:
+    ref = _replaced_parameters.get(id(p))
+    return ref is not None and ref() is p
+
+
+def _warn_if_optimizer_predates_conversion(optimizer, args, kwargs) -> None:
+    """Global optimizer step pre-hook: an optimizer built before converting steps the replaced norms'
+    orphaned tensors and never the DyT parameters; say so at its first step (checked once per optimizer)."""
+    if optimizer in _checked_optimizers:
+        return
+    _checked_optimizers.add(optimizer)
+    stale = sum(_was_replaced(p) for group in optimizer.param_groups for p in group["params"])
+    if stale:
+        warnings.warn(f"{type(optimizer).__name__} holds {stale} parameter(s) of norms that convert_layernorm_to_dyt "
+                      f"replaced: it was built before converting and will not train the DyT parameters. Build the "
+                      f"optimizer after converting.", UserWarning, stacklevel=3)
+
+
+def _watch_optimizers(replaced: list[nn.Module]) -> None:
+    global _optimizer_hook
+    for norm in replaced:
+        for p in norm.parameters():
+            _replaced_parameters[id(p)] = weakref.ref(p, lambda _, key=id(p): _replaced_parameters.pop(key, None))
+    if _optimizer_hook is None and replaced:
+        _optimizer_hook = register_optimizer_step_pre_hook(_warn_if_optimizer_predates_conversion)
+
+
+def _placement(norm: nn.Module, ancestors: list[nn.Module]) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and dtype for the DyT: the norm's own parameters, else those of its nearest ancestor that has any.
+
+    The nearest ancestor, not the model's first parameter: a model may hold meta or offloaded
+    parameters far from a norm that lives on the CPU or a GPU.
+    """
+    for owner in [norm] + ancestors:
+        params = [p for p in owner.parameters() if p.is_floating_point()]
+        if params:
+            return params[0].device, params[0].dtype
+    return None, None
+
+
+def _build(norm: nn.Module, name: str, kind: NormKind, ancestors: list[nn.Module], opts: dict) -> DyT:
+    device, dtype = _placement(norm, ancestors)
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    weight_start = _per_module(opts["weight_init_value"], name, norm)
+    shape = kind.normalized_shape if kind.channels_last else kind.normalized_shape[0]
+    new = DyT(shape, elementwise_affine=weight is not None, bias=bias is not None, device=device, dtype=dtype,
+              alpha_init_value=_per_module(opts["alpha_init_value"], name, norm),
+              weight_init_value=1.0 if weight_start is None else weight_start,
+              alpha_per_channel=bool(_per_module(opts["alpha_per_channel"], name, norm)),
+              channels_last=kind.channels_last)
+    new.train(norm.training)
+    for attr, old in (("weight", weight), ("bias", bias)):
+        if old is None:
+            continue
+        if opts["copy_affine"] and not (attr == "weight" and weight_start is not None):
             with torch.no_grad():
-                new_p.copy_(old_p)
-        new_p.requires_grad_(old_p.requires_grad)
+                getattr(new, attr).copy_(old.reshape(getattr(new, attr).shape))
+        getattr(new, attr).requires_grad_(old.requires_grad)
+    new.register_load_state_dict_pre_hook(warn_on_layernorm_state)  # a LayerNorm checkpoint says so when loaded
     return new
 
 
-def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: float = 0.5, include_rmsnorm: bool = False,
-                             copy_affine: bool = True) -> nn.Module:
-    """Replace every nn.LayerNorm (and nn.RMSNorm when include_rmsnorm) in ``model`` with DyT, in place.
+def _ancestors(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """id(module) -> its ancestors, nearest first (by its first qualified name)."""
+    by_name = dict(model.named_modules())
+    out = {}
+    for name, m in model.named_modules():
+        parts = name.split(".") if name else []
+        out[id(m)] = [by_name[".".join(parts[:i])] for i in range(len(parts) - 1, -1, -1)]
+    return out
 
-    Each DyT keeps the old norm's normalized_shape, device, dtype, train/eval mode and the
-    requires_grad of its affine parameters, and by default (copy_affine) their values. alpha starts
-    at alpha_init_value. Returns the model; if ``model`` itself is a norm, returns its replacement.
+
+def _apply(model: nn.Module, plan: _Plan, opts: dict) -> dict[int, DyT]:
+    ancestors = _ancestors(model)
+    by_id = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
+    new = {m_id: _build(by_id[m_id], name, kind, ancestors.get(m_id, []), opts)
+           for m_id, (name, kind) in plan.kinds.items()}
+    _watch_optimizers([by_id[m_id] for m_id in new])
+    # One DyT per norm *instance*: a norm registered in several places (weight tying) stays shared.
+    # _modules is walked directly because named_children() skips a module's repeats.
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if child is not None and id(child) in new:
+                setattr(parent, attr, new[id(child)])
+    return new
+
+
+def conversion_report(model: nn.Module, *, include_rmsnorm: bool = False,
+                      module_filter: PerModule | None = None) -> ConversionReport:
+    """What convert_layernorm_to_dyt would do to ``model``, without changing it.
+
+    >>> import torch
+    >>> from dyt_kernels import conversion_report
+    >>> model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.GroupNorm(2, 8))
+    >>> report = conversion_report(model)
+    >>> dict(report.converted), list(report.left_alone)
+    ({'LayerNorm': 1}, ['1'])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _plan(model, include_rmsnorm, module_filter).report
+
+
+def _check_option(name: str, value, allow_none: bool = False) -> None:
+    if not (callable(value) or (allow_none and value is None)):
+        check_finite(name, value)
+
+
+def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: NumberOption = 0.5,
+                             weight_init_value: NumberOption | None = None,
+                             alpha_per_channel: bool | PerModule = False, include_rmsnorm: bool = False,
+                             copy_affine: bool = True, module_filter: PerModule | None = None,
+                             fuse_modulation: bool = False) -> nn.Module:
+    """Replace the LayerNorms (and with include_rmsnorm, the RMSNorms) of ``model`` with DyT, in place.
+
+    Which modules: nn.LayerNorm; LayerNorm subclasses and other ``*Norm`` layers whose output is
+    checked to be LayerNorm (or RMSNorm) over the last dim, or over dim 1 (timm's LayerNorm2d becomes
+    ``DyT(channels_last=False)``); see recognize.py. A layer whose formula cannot be established, and
+    GroupNorm, BatchNorm and InstanceNorm, are left alone with a warning naming each one.
+
+    Each DyT keeps the norm's shape, device, dtype, train/eval mode and the requires_grad of its affine
+    parameters, and by default (copy_affine) their values. Options, each a value or a callable
+    ``(qualified_name, module) -> value``: ``alpha_init_value`` (alpha's start), ``weight_init_value``
+    (None: the copied weight; a number: the weight starts there instead), ``alpha_per_channel``.
+    ``module_filter(qualified_name, module) -> bool`` chooses which norms convert. ``fuse_modulation``
+    routes diffusers' norm + scale/shift chains through dyt_modulate (see integrations/diffusers.py).
+
+    Build the optimizer after converting: the DyT parameters are new tensors (an optimizer built
+    before warns at its first step). Load a LayerNorm
+    checkpoint before converting; load a DyT checkpoint with load_dyt_state_dict / load_pretrained_dyt.
+    What was converted and left alone is logged (logger "dyt_kernels.convert", INFO; conversion_report
+    returns the same as an object). Returns the model; if ``model`` is itself a norm, its replacement.
 
     >>> import torch
     >>> from dyt_kernels import convert_layernorm_to_dyt
@@ -52,16 +255,23 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: float = 0.5,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    types = _norm_types(include_rmsnorm)
-    if isinstance(model, types):
-        return _dyt_like(model, model, alpha_init_value, copy_affine)
-    # One DyT per norm *instance*: a norm registered in several places (weight tying) stays shared.
-    # _modules is walked directly because named_children() skips a module's repeats.
-    replaced: dict[int, DyT] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, types):
-                if id(child) not in replaced:
-                    replaced[id(child)] = _dyt_like(child, model, alpha_init_value, copy_affine)
-                setattr(parent, name, replaced[id(child)])
-    return model
+    _check_option("alpha_init_value", alpha_init_value)
+    _check_option("weight_init_value", weight_init_value, allow_none=True)
+    if module_filter is not None and not callable(module_filter):
+        raise TypeError(f"module_filter must be a callable (qualified_name, module) -> bool, got "
+                        f"{type(module_filter).__name__}")
+    opts = {"alpha_init_value": alpha_init_value, "weight_init_value": weight_init_value,
+            "alpha_per_channel": alpha_per_channel, "copy_affine": copy_affine}
+    plan = _plan(model, include_rmsnorm, module_filter)
+    new = _apply(model, plan, opts)
+    result = new.get(id(model), model)
+    keep_third_party_paths_working(result)
+    if fuse_modulation:
+        from .integrations.diffusers import fuse_modulation as fuse
+        plan.report.fused.update(fuse(result))
+    logger.info("convert_layernorm_to_dyt on %s:\n%s", type(model).__name__, plan.report)
+    if plan.report.left_alone:
+        lines = "\n".join(f"  {n}: {why}" for n, why in plan.report.left_alone.items())
+        warnings.warn(f"convert_layernorm_to_dyt left {len(plan.report.left_alone)} normalization layer(s) "
+                      f"alone:\n{lines}", stacklevel=2)
+    return result

@@ -1,0 +1,160 @@
+"""Checkpoints of converted models: bring a DyT model back with its alphas, and say so when a load would not.
+
+A converted model's state dict is its original one plus one ``alpha`` per DyT. The code that builds
+the model (``PixArtTransformer2DModel(...)``, ``from_pretrained``, a training script) builds LayerNorms,
+so loading it as usual drops the alphas (torch: unexpected keys under strict=False; diffusers and
+transformers: a log line). The checkpoint itself says which norms were DyT (the ``*.alpha`` keys) and
+with which alpha shape, so loading converts exactly those norms first, then loads everything.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Mapping
+
+from torch import Tensor, nn
+
+ALPHA = "alpha"
+
+
+class DyTCheckpointWarning(UserWarning):
+    """A load that would lose DyT alphas, or give a DyT no alpha from the checkpoint."""
+
+
+def warn_on_layernorm_state(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                            unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook on each converted DyT: a LayerNorm checkpoint has weights but no alpha."""
+    if prefix + ALPHA in state_dict:
+        return
+    if any(prefix + name in state_dict for name in ("weight", "bias")):
+        warnings.warn(
+            f"the state dict has '{prefix}weight' but no '{prefix}{ALPHA}': it looks like a LayerNorm "
+            f"checkpoint loaded into a converted DyT model. Under strict=False alpha keeps its current value "
+            f"{module.alpha.detach().flatten()[:4].tolist()}. Load a LayerNorm checkpoint before converting: "
+            f"model.load_state_dict(state); convert_layernorm_to_dyt(model).", DyTCheckpointWarning, stacklevel=4)
+
+
+def _alpha_owners(keys) -> dict[str, str]:
+    """qualified module name -> its alpha key, for every '*.alpha' key ('' for a top-level 'alpha')."""
+    owners = {}
+    for key in keys:
+        if key == ALPHA:
+            owners[""] = key
+        elif key.endswith("." + ALPHA):
+            owners[key[: -len(ALPHA) - 1]] = key
+    return owners
+
+
+def _convert_for(model: nn.Module, alpha_state: Mapping[str, Tensor], fuse_modulation: bool) -> nn.Module:
+    """Convert the norms of ``model`` that hold an alpha in ``alpha_state``, with that alpha's shape."""
+    from .convert import convert_layernorm_to_dyt
+
+    owners = _alpha_owners(alpha_state)
+    per_channel = {name: alpha_state[key].numel() > 1 for name, key in owners.items()}
+    return convert_layernorm_to_dyt(model, include_rmsnorm=True, fuse_modulation=fuse_modulation,
+                                    module_filter=lambda name, m: name in owners,
+                                    alpha_per_channel=lambda name, m: per_channel[name])
+
+
+def _homeless_alphas(model: nn.Module, alpha_state: Mapping[str, Tensor]) -> list[str]:
+    from .modules import DyT
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return [key for name, key in _alpha_owners(alpha_state).items()
+            if not isinstance(modules.get(name), DyT)]
+
+
+def _warn_homeless(homeless: list[str], what: str) -> None:
+    if homeless:
+        warnings.warn(f"{len(homeless)} DyT alpha(s) in {what} have no DyT to go to and are DROPPED: "
+                      f"{', '.join(homeless)}. The model does not have those norms at those names, or "
+                      f"could not convert them (see the converter's warning).", DyTCheckpointWarning, stacklevel=3)
+
+
+def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True,
+                        fuse_modulation: bool = False) -> nn.Module:
+    """Load a converted model's state dict into a freshly built (LayerNorm) model, converting it first.
+
+    The norms that have an ``alpha`` in ``state_dict`` become DyT (per-channel where that alpha is),
+    then every tensor loads with ``strict``. An alpha that finds no DyT warns (DyTCheckpointWarning)
+    instead of vanishing. Returns the model (if ``model`` is itself a norm, its replacement).
+
+    >>> import torch
+    >>> from dyt_kernels import convert_layernorm_to_dyt, load_dyt_state_dict
+    >>> build = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    >>> state = convert_layernorm_to_dyt(build()).state_dict()      # what torch.save would store
+    >>> model = load_dyt_state_dict(build(), state)
+    >>> type(model[1]).__name__, sorted(state) == sorted(model.state_dict())
+    ('DyT', True)
+    """
+    alpha_state = {k: state_dict[k] for k in _alpha_owners(state_dict).values()}
+    model = _convert_for(model, alpha_state, fuse_modulation)
+    _warn_homeless(_homeless_alphas(model, alpha_state), "the state dict")
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
+
+def _read_alphas(directory: str) -> dict[str, Tensor]:
+    """Every '*.alpha' tensor in the safetensors (or torch .bin) weight files of a saved model directory."""
+    names = sorted(os.listdir(directory))
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    out: dict[str, Tensor] = {}
+    if safetensors:
+        from safetensors import safe_open
+
+        for file in safetensors:
+            with safe_open(os.path.join(directory, file), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys() if k in _alpha_owners([k]).values()})
+        return out
+    import torch
+
+    for file in (n for n in names if n.endswith(".bin")):
+        state = torch.load(os.path.join(directory, file), map_location="cpu", weights_only=True)
+        out.update({k: v for k, v in state.items() if k in _alpha_owners([k]).values()})
+    return out
+
+
+def _match_prefix(model: nn.Module, alphas: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Re-key alphas saved from a base model into a model with a head, or the reverse (transformers'
+    base_model_prefix, e.g. 'bert.'), when the names do not match as they are."""
+    prefix = getattr(model, "base_model_prefix", "")
+    modules = dict(model.named_modules())
+    if not prefix or all(k.rsplit(".", 1)[0] in modules for k in alphas if "." in k):
+        return alphas
+    added = {f"{prefix}.{k}": v for k, v in alphas.items()}
+    if all(k.rsplit(".", 1)[0] in modules for k in added):
+        return added
+    stripped = {k[len(prefix) + 1:] if k.startswith(prefix + ".") else k: v for k, v in alphas.items()}
+    return stripped
+
+
+def load_pretrained_dyt(model_class, directory: str, *, subfolder: str = "", fuse_modulation: bool = False,
+                        **from_pretrained_kwargs) -> nn.Module:
+    """``model_class.from_pretrained(directory)`` for a converted diffusers / transformers model, alphas included.
+
+    from_pretrained builds the LayerNorm model and loads every weight but the alphas (it reports them
+    as unexpected keys); the norms that have an alpha in the saved files are then converted and their
+    alphas loaded. Reads a local directory written by ``save_pretrained`` (safetensors or .bin).
+
+    >>> import tempfile, torch
+    >>> from transformers import BertConfig, BertModel
+    >>> from dyt_kernels import convert_layernorm_to_dyt, load_pretrained_dyt
+    >>> config = BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    >>> path = tempfile.mkdtemp()
+    >>> convert_layernorm_to_dyt(BertModel(config)).save_pretrained(path)
+    >>> type(load_pretrained_dyt(BertModel, path).embeddings.LayerNorm).__name__
+    'DyT'
+    """
+    folder = os.path.join(directory, subfolder) if subfolder else directory
+    if not os.path.isdir(folder):
+        raise ValueError(f"directory must be a local folder written by save_pretrained (download a hub model "
+                         f"first), got {folder!r}")
+    if subfolder:
+        from_pretrained_kwargs["subfolder"] = subfolder
+    model = model_class.from_pretrained(directory, **from_pretrained_kwargs)
+    alphas = _match_prefix(model, _read_alphas(folder))
+    model = _convert_for(model, alphas, fuse_modulation)
+    _warn_homeless(_homeless_alphas(model, alphas), folder)
+    homed = {k: v for k, v in alphas.items() if k not in set(_homeless_alphas(model, alphas))}
+    model.load_state_dict(homed, strict=False)
+    return model

@@ -1,0 +1,194 @@
+"""Inference folding: a DyT's weight and bias move into the Linear layers that read its output.
+
+    y = (w * tanh(a x) + b) W^T + c  =  tanh(a x) (W diag(w))^T + (W b + c)
+
+so W' = W * w (column j scaled by w_j) and c' = W b + c, computed in float64 and rounded once into the
+Linear's dtype, and the DyT keeps only tanh(alpha x). Exact up to that rounding.
+
+Folding is right only if the DyT's output goes nowhere but into those Linears' matmuls: a residual add,
+a modulation, a slice, a returned hidden state would all see tanh(a x) instead of the DyT output. The
+module tree does not say where a tensor goes, so the model runs once on example inputs under a
+TorchFunctionMode that sees every torch call: each DyT output is followed to its readers, and only a
+DyT whose every reader is F.linear with a Linear's own (untied) weight and bias, where each of those
+Linears reads nothing else, folds. Reading shape, dtype and other metadata is not a use of the values.
+One run sees one path through the model: a branch the example does not take (a different mode, an
+optional output) is not seen, so pass inputs that take the path you will serve.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .modules import DyT
+
+# Reading these reveals nothing of the values, so they are not uses of a DyT's output.
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "is_contiguous", "stride",
+                     "storage_offset", "element_size", "is_floating_point", "is_complex", "get_device",
+                     "data_ptr", "__len__"}
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_cpu", "is_meta",
+                   "layout", "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_nested", "names"}
+
+
+def _is_metadata(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a Tensor property: func is the getter bound to its descriptor
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA_ATTRS
+    return name in _METADATA_METHODS
+
+
+def _tensors(obj):
+    """Every tensor in a model's output: nested tuples, lists, dicts and dict-like outputs (ModelOutput)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict) or hasattr(obj, "values"):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+@dataclass
+class FoldReport:
+    """folded: DyT name -> the Linears that took its weight and bias; left: DyT name -> why not."""
+    folded: dict = field(default_factory=dict)
+    left: dict = field(default_factory=dict)
+
+
+class _Tracer(TorchFunctionMode):
+    def __init__(self, outputs: dict, linear_of_weight: dict):
+        super().__init__()
+        self.outputs = outputs                    # id(tensor) -> (dyt id, tensor kept alive)
+        self.linear_of_weight = linear_of_weight  # id(weight) -> Linear
+        self.readers = defaultdict(set)           # dyt id -> ids of Linears reading its output
+        self.refused = {}                         # dyt id -> why it cannot fold
+        self.linear_inputs = defaultdict(set)     # linear id -> dyt ids (None: a non-DyT input)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is torch._C._nn.linear:
+            self._linear(args, kwargs)
+        elif not _is_metadata(func):
+            for t in _tensors((args, kwargs)):
+                if id(t) in self.outputs:
+                    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+                    self.refused.setdefault(self.outputs[id(t)][0], f"its output is read by {name}")
+        return func(*args, **kwargs)
+
+    def _linear(self, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        source = self.outputs.get(id(x), (None,))[0]
+        linear = self.linear_of_weight.get(id(weight))
+        if linear is not None and bias is linear.bias:
+            self.linear_inputs[id(linear)].add(source)
+            if source is not None:
+                self.readers[source].add(id(linear))
+            return
+        if source is not None:
+            self.refused.setdefault(source, "its output is read by F.linear with a weight that is not an "
+                                            "untied nn.Linear's own")
+        for t in (weight, bias):
+            if isinstance(t, Tensor) and id(t) in self.outputs:
+                self.refused.setdefault(self.outputs[id(t)][0], "its output is used as a Linear weight")
+
+
+def _untied_linears(model: nn.Module) -> dict[int, nn.Linear]:
+    """id(weight) -> Linear, for Linears whose weight and bias no other module holds (no tying)."""
+    owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    return {id(m.weight): m for m in model.modules()
+            if isinstance(m, nn.Linear) and owners[id(m.weight)] == 1
+            and (m.bias is None or owners[id(m.bias)] == 1)}
+
+
+@torch.no_grad()
+def _fold_into(dyt: DyT, linears: list[nn.Linear]) -> None:
+    w = dyt.weight.detach().double() if dyt.weight is not None else None
+    b = dyt.bias.detach().double() if dyt.bias is not None else None
+    for lin in linears:
+        W = lin.weight.detach().double()
+        c = lin.bias.detach().double() if lin.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype,
+                                                                                  device=W.device)
+        if b is not None:
+            c = c + W @ b
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.empty_like(c, dtype=lin.weight.dtype), lin.weight.requires_grad)
+        if w is not None:
+            lin.weight.copy_(W * w)
+        if lin.bias is not None:
+            lin.bias.copy_(c)
+    dyt.register_parameter("weight", None)
+    dyt.register_parameter("bias", None)
+    dyt.elementwise_affine = False
+
+
+def fold_dyt_affine(model: nn.Module, *example_args, **example_kwargs) -> FoldReport:
+    """For inference: fold each DyT's weight and bias into the Linears that alone read its output.
+
+    Runs ``model(*example_args, **example_kwargs)`` once (no_grad) to see where each DyT output goes,
+    then rewrites, in place, the DyTs that feed only Linear layers: they keep ``tanh(alpha * x)``, the
+    Linears absorb ``W * weight`` and ``W @ bias + c`` (a bias-free Linear gains a bias). The model is
+    then for inference: its state dict no longer has those DyT weights. Returns what was folded and why
+    each other DyT was not.
+
+    >>> import torch
+    >>> from dyt_kernels import DyT, fold_dyt_affine
+    >>> model = torch.nn.Sequential(DyT(8), torch.nn.Linear(8, 4)).eval()
+    >>> _ = torch.nn.init.normal_(model[0].weight); x = torch.randn(2, 8); before = model(x)
+    >>> fold_dyt_affine(model, x).folded
+    {'0': ['1']}
+    >>> torch.allclose(model(x), before, atol=1e-6), model[0].weight is None
+    (True, True)
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    dyts = {id(m): m for m in model.modules() if isinstance(m, DyT)}
+    report = FoldReport()
+    outputs: dict = {}
+
+    def record(module, inputs, output):
+        if isinstance(output, Tensor):
+            outputs[id(output)] = (id(module), output)
+
+    hooks = [m.register_forward_hook(record) for m in dyts.values()]
+    tracer = _Tracer(outputs, _untied_linears(model))
+    try:
+        with torch.no_grad(), tracer:
+            result = model(*example_args, **example_kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for t in _tensors(result):
+        if id(t) in outputs:
+            tracer.refused.setdefault(outputs[id(t)][0], "its output is returned by the model")
+
+    called = {dyt_id for dyt_id, _ in outputs.values()}
+    linears = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}
+    for dyt_id, dyt in dyts.items():
+        name = names[dyt_id]
+        readers = tracer.readers.get(dyt_id, set())
+        why = tracer.refused.get(dyt_id)
+        if why is None and dyt.weight is None and dyt.bias is None:
+            why = "it has no weight or bias"
+        elif why is None and not (dyt.channels_last and len(dyt.normalized_shape) == 1):
+            why = "it normalizes dim 1 or several dims, which a Linear does not contract"
+        elif why is None and dyt_id not in called:
+            why = "the example inputs did not run it"
+        elif why is None and not readers:
+            why = "no Linear reads its output"
+        elif why is None:
+            shared = [names[i] for i in readers if tracer.linear_inputs[i] != {dyt_id}]
+            if shared:
+                why = f"{', '.join(shared)} also read(s) other inputs"
+        if why is not None:
+            report.left[name] = why
+            continue
+        targets = sorted((linears[i] for i in readers), key=lambda m: names[id(m)])
+        _fold_into(dyt, targets)
+        report.folded[name] = [names[id(m)] for m in targets]
+    return report

@@ -1,0 +1,1 @@
+"""Adapters for third-party model libraries; each module imports its library only when used."""

@@ -1,0 +1,179 @@
+"""fuse_modulation: diffusers' adaLN chains (norm, then * (1 + scale) + shift) through one dyt_modulate.
+
+After the converter, a diffusers block computes DyT, then the modulation, as separate ops (and the
+gated residual add before them as a third). Each class below is the diffusers class with a forward
+that makes the same calls on the same public attributes (linear, silu, emb, norm, scale_shift_table,
+attn1, ...) but hands norm + modulation (+ the residual add where the block's order allows) to
+dyt_modulate. An instance is switched by assigning its __class__: parameters, buffers, state-dict
+keys, isinstance checks and pickling stay those of the diffusers class. Any input the fused forward
+does not cover (a norm that is not a channels-last DyT, a non-(B, L, D) input, GLIGEN, feed-forward
+chunking) takes diffusers' own forward, which is the unfused conversion.
+
+Fused and unfused compute the same expressions in the same order (r = residual + gate * x, then
+weight * tanh(alpha * r) + bias, then * (1 + scale) + shift), so on the torch backend they agree to
+the last bit in fp32, and on the Triton backend to the kernels' tanh accuracy.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import Tensor, nn
+
+from ..functional import dyt_modulate
+from ..modules import DyT
+
+try:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle,
+                                                SD35AdaLayerNormZeroX)
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("fuse_modulation needs diffusers: pip install diffusers") from err
+
+
+def _fusable(norm: nn.Module | None) -> bool:
+    return isinstance(norm, DyT) and norm.channels_last and len(norm.normalized_shape) == 1
+
+
+def _fits(norm: nn.Module | None, x: Tensor) -> bool:
+    return _fusable(norm) and x.dim() == 3 and x.shape[-1] == norm.normalized_shape[0]
+
+
+def _modulate(norm: DyT, x: Tensor, shift: Tensor, scale: Tensor, residual: Tensor | None = None,
+              gate: Tensor | None = None):
+    return dyt_modulate(x, norm.alpha, shift, scale, norm.weight, norm.bias, residual=residual, gate=gate)
+
+
+class FusedAdaLayerNormZero(AdaLayerNormZero):
+    def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+        if not _fits(self.norm, x):
+            return super().forward(x, timestep, class_labels, hidden_dtype, emb)
+        if self.emb is not None:
+            emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        return _modulate(self.norm, x, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class FusedAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
+    def forward(self, x, emb=None):
+        if not _fits(self.norm, x):
+            return super().forward(x, emb)
+        shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
+        return _modulate(self.norm, x, shift_msa, scale_msa), gate_msa
+
+
+class FusedAdaLayerNormContinuous(AdaLayerNormContinuous):
+    def forward(self, x, conditioning_embedding):
+        if not _fits(self.norm, x):
+            return super().forward(x, conditioning_embedding)
+        emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+        scale, shift = emb.chunk(2, dim=1)
+        return _modulate(self.norm, x, shift, scale)
+
+
+class FusedSD35AdaLayerNormZeroX(SD35AdaLayerNormZeroX):
+    def forward(self, hidden_states, emb=None):
+        if not _fits(self.norm, hidden_states):
+            return super().forward(hidden_states, emb)
+        emb = self.linear(self.silu(emb))
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_msa2, scale_msa2, gate_msa2) = emb.chunk(9, dim=1)
+        # Two modulations of one norm output: two fused calls, each recomputing the cheap tanh.
+        h = _modulate(self.norm, hidden_states, shift_msa, scale_msa)
+        h2 = _modulate(self.norm, hidden_states, shift_msa2, scale_msa2)
+        return h, gate_msa, shift_mlp, scale_mlp, gate_mlp, h2, gate_msa2
+
+
+class FusedBasicTransformerBlock(BasicTransformerBlock):
+    """BasicTransformerBlock for norm_type 'ada_norm_zero' (DiT) and 'ada_norm_single' (PixArt-alpha).
+
+    The MLP's norm takes the residual add before it: the gated self-attention add when the block has no
+    cross-attention, the (ungated) cross-attention add when it has one.
+    """
+
+    def _mlp_norm(self):
+        return self.norm3 if self.norm_type == "ada_norm_zero" else self.norm2
+
+    def _covers(self, hidden_states, cross_attention_kwargs) -> bool:
+        kwargs = cross_attention_kwargs or {}
+        # _chunk_size is diffusers' own record of set_chunk_feed_forward (there is no public getter):
+        # chunked feed-forward is left to diffusers' forward.
+        return (hidden_states.dim() == 3 and "gligen" not in kwargs and "scale" not in kwargs
+                and getattr(self, "_chunk_size", None) is None and _fits(self._mlp_norm(), hidden_states)
+                and (self.norm_type == "ada_norm_zero" or _fits(self.norm1, hidden_states)))
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        if not self._covers(hidden_states, cross_attention_kwargs):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        kwargs = dict(cross_attention_kwargs or {})
+        batch_size = hidden_states.shape[0]
+        if self.norm_type == "ada_norm_zero":
+            norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
+                hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype)
+            gate_msa, gate_mlp = gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.scale_shift_table[None] + timestep.reshape(batch_size, 6, -1)).chunk(6, dim=1)
+            norm_hidden_states = _modulate(self.norm1, hidden_states, shift_msa, scale_msa)
+        if self.pos_embed is not None:
+            norm_hidden_states = self.pos_embed(norm_hidden_states)
+
+        attn_output = self.attn1(norm_hidden_states,
+                                 encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                                 attention_mask=attention_mask, **kwargs)
+        branch, gate = attn_output, gate_msa  # the add still owed to hidden_states: hidden + gate * branch
+        if self.attn2 is not None:
+            hidden_states = gate * branch + hidden_states
+            if self.norm_type == "ada_norm_zero":
+                norm_hidden_states = self.norm2(hidden_states)
+                if self.pos_embed is not None:
+                    norm_hidden_states = self.pos_embed(norm_hidden_states)
+            else:  # PixArt-alpha applies no norm before cross-attention
+                norm_hidden_states = hidden_states
+            branch = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                attention_mask=encoder_attention_mask, **kwargs)
+            gate = None
+        norm_hidden_states, hidden_states = _modulate(self._mlp_norm(), branch, shift_mlp, scale_mlp,
+                                                      residual=hidden_states, gate=gate)
+        ff_output = self.ff(norm_hidden_states)
+        return gate_mlp * ff_output + hidden_states
+
+
+FUSED = {AdaLayerNormZero: FusedAdaLayerNormZero, AdaLayerNormZeroSingle: FusedAdaLayerNormZeroSingle,
+         AdaLayerNormContinuous: FusedAdaLayerNormContinuous, SD35AdaLayerNormZeroX: FusedSD35AdaLayerNormZeroX,
+         BasicTransformerBlock: FusedBasicTransformerBlock}
+
+
+def _ready(module: nn.Module) -> bool:
+    """Whether the module's modulated norms are DyTs the fused forward can take."""
+    if isinstance(module, BasicTransformerBlock):
+        if module.norm_type == "ada_norm_zero":
+            return _fusable(module.norm3)
+        if module.norm_type == "ada_norm_single":
+            return _fusable(module.norm1) and _fusable(module.norm2)
+        return False
+    return _fusable(module.norm)
+
+
+def fuse_modulation(model: nn.Module) -> Counter:
+    """Switch diffusers' adaLN modules whose norm is a DyT to the fused forwards; returns counts by class.
+
+    Normally reached through ``convert_layernorm_to_dyt(model, fuse_modulation=True)``.
+
+    >>> from diffusers import DiTTransformer2DModel
+    >>> from dyt_kernels import convert_layernorm_to_dyt
+    >>> from dyt_kernels.integrations.diffusers import fuse_modulation
+    >>> dit = convert_layernorm_to_dyt(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
+    ...     in_channels=4, num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10))
+    >>> sorted(fuse_modulation(dit).items())
+    [('AdaLayerNormZero', 1), ('BasicTransformerBlock', 1)]
+    """
+    counts: Counter = Counter()
+    for m in model.modules():
+        fused = FUSED.get(type(m))
+        if fused is not None and _ready(m):
+            counts[type(m).__name__] += 1
+            m.__class__ = fused
+    return counts
