@@ -37,7 +37,12 @@ class DyTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, alpha, weight, bias = ctx.saved_tensors
-        dx, da, dw, db = dyt_ops.backward(dy, x, alpha, weight, bias, ctx.channels_last, slot=ctx.slot)
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty): the kernels are not differentiable, the
+            # reference formulas are; they give the same gradients in torch ops autograd can follow.
+            dx, da, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias, ctx.channels_last)
+        else:
+            dx, da, dw, db = dyt_ops.backward(dy, x, alpha, weight, bias, ctx.channels_last, slot=ctx.slot)
         return dx, da, dw, db, None, None
 
 
@@ -84,7 +89,9 @@ class DyTModulateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dr=None):
         x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
-        dx, dres, dgate, dshift, dscale, dw, db, da = mod_ops.backward(
+        # create_graph=True: the differentiable reference formulas (see DyTFunction.backward).
+        grads = reference.dyt_modulate_grads if torch.is_grad_enabled() else mod_ops.backward
+        dx, dres, dgate, dshift, dscale, dw, db, da = grads(
             dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
         return dx, da, _shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._checks import as_alpha, check_input, check_modulation, check_param, shape_str
+from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
 from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFused, DyTModulateReference,
                        DyTReference)
 from .backend import get_backend, use_triton
@@ -40,6 +40,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
     torch.Size([4, 16, 384])
     """
     slot = None
+    if channels_last is not True and channels_last is not False:
+        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     if channels_last:
         try:
             sig = (x.shape, x.dtype, x.device, alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(),
@@ -155,4 +157,6 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor |
     torch.Size([2, 16, 384])
     """
     shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+    if check_finite("eps", eps) <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     return reference.layernorm_modulate(x, shift, scale, weight, bias, residual=residual, gate=gate, eps=eps)

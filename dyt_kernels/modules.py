@@ -1,8 +1,7 @@
 """nn.Modules over the functional ops: DyT (a drop-in for nn.LayerNorm) and ModulatedDyT (adaLN)."""
-from __future__ import annotations
-
 import math
-from typing import Sequence
+import numbers
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,12 +11,23 @@ from .functional import dyt, dyt_modulate
 
 
 def _shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int):
-        return (normalized_shape,)
-    shape = tuple(int(s) for s in normalized_shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-    return shape
+    """nn.LayerNorm's normalized_shape: one positive integer or a non-empty sequence of them."""
+    dims = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
+    ok = isinstance(dims, Sequence) and not isinstance(dims, (str, bytes)) and len(dims) > 0 and all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in dims)
+    if not ok or isinstance(normalized_shape, bool):
+        raise ValueError(f"normalized_shape must be positive ints (one, or a non-empty sequence of them), "
+                         f"got {normalized_shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (the parameters are trained), got {dtype!r}")
+
+
+def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.reshape(-1)
 
 
 class DyT(nn.Module):
@@ -46,6 +56,7 @@ class DyT(nn.Module):
                  channels_last: bool = True, weight_init_value: float = 1.0) -> None:
         super().__init__()
         self.normalized_shape = _shape_tuple(normalized_shape)
+        _check_dtype(dtype)
         if not channels_last and len(self.normalized_shape) != 1:
             raise ValueError(f"channels_last=False normalizes one dim (C); normalized_shape must be an int, "
                              f"got {normalized_shape!r}")
@@ -77,6 +88,13 @@ class DyT(nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    @torch.jit.ignore
+    def _forward(self, x: Tensor) -> Tensor:
+        # Under torch.jit.script this stays a Python call (the ops are Triton launches or custom ops).
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not self.channels_last:
             if x.dim() < 2 or x.shape[1] != self.normalized_shape[0]:
                 raise ValueError(f"x must be (N, C={self.normalized_shape[0]}, ...) for channels_last=False, "
@@ -88,8 +106,7 @@ class DyT(nn.Module):
         if k == 1:
             return dyt(x, self.alpha, self.weight, self.bias)
         # Several normalized dims: DyT is elementwise, so flatten them into one channel dim.
-        flat = lambda p: None if p is None else p.reshape(-1)  # noqa: E731
-        y = dyt(x.reshape(*x.shape[: x.dim() - k], -1), self.alpha.reshape(-1), flat(self.weight), flat(self.bias))
+        y = dyt(x.reshape(*x.shape[: x.dim() - k], -1), self.alpha.reshape(-1), _flat(self.weight), _flat(self.bias))
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -118,6 +135,7 @@ class ModulatedDyT(nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        _check_dtype(dtype)
         self.hidden_size = hidden_size
         self.alpha_init_value = check_finite("alpha_init_value", alpha_init_value)
         factory = {"device": device, "dtype": dtype}
@@ -129,8 +147,13 @@ class ModulatedDyT(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Tensor | None = None,
-                gate: Tensor | None = None):
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Optional[Tensor] = None,
+                gate: Optional[Tensor] = None) -> Any:
+        return self._forward(x, shift, scale, residual, gate)
+
+    @torch.jit.ignore
+    def _forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Optional[Tensor] = None,
+                 gate: Optional[Tensor] = None) -> Any:  # Any: h, or (h, r) with a residual
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, D) with D=hidden_size={self.hidden_size}, got {shape}")

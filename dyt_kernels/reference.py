@@ -38,6 +38,8 @@ def channel_sum(t: Tensor, channels_last: bool) -> Tensor:
     """Sum over every dim but the channel dim."""
     if not channels_last:
         t = t.movedim(1, -1)
+    if t.numel() == 0:  # reshape(-1, 0) cannot infer the row count; a sum of nothing is 0
+        return t.new_zeros(t.shape[-1])
     return t.reshape(-1, t.shape[-1]).sum(0)
 
 
@@ -124,7 +126,7 @@ def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, a
     B, _, D = x.shape
     ct = compute_dtype(x.dtype)
     dhc, rc = dh.to(ct), r.to(ct)
-    a = alpha.to(ct).reshape(-1) if alpha.numel() > 1 else alpha.to(ct).reshape(())
+    a = alpha.to(ct).reshape(-1) if alpha.numel() != 1 else alpha.to(ct).reshape(())
     t = torch.tanh(a * rc)
     n = t if weight is None else t * weight.to(ct)
     if bias is not None:
@@ -152,14 +154,23 @@ def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, a
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
                        bias: Tensor | None = None, *, residual: Tensor | None = None,
                        gate: Tensor | None = None, eps: float = 1e-6):
-    """The LayerNorm twin of dyt_modulate, in plain PyTorch autograd (models switch norms with it)."""
+    """The LayerNorm twin of dyt_modulate, in plain PyTorch autograd (models switch norms with it).
+
+    Outputs come back in dyt_modulate's dtypes (h in x's, r in residual's); weight and bias are used
+    in the norm input's dtype, as F.layer_norm requires. Every cast is a no-op when dtypes agree.
+    """
     B, _, D = x.shape
     r = x
     if residual is not None:
         r = residual + (x if gate is None else as_modulation(gate, B, D) * x)
-    n = torch.nn.functional.layer_norm(r, (D,), weight, bias, eps)
-    h = n * (1 + as_modulation(scale, B, D)) + as_modulation(shift, B, D)
+        r = r.to(residual.dtype)
+    n = torch.nn.functional.layer_norm(r, (D,), _as(weight, r.dtype), _as(bias, r.dtype), eps)
+    h = (n * (1 + as_modulation(scale, B, D)) + as_modulation(shift, B, D)).to(x.dtype)
     return h if residual is None else (h, r)
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def dyt_modulate_grads(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor,

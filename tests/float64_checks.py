@@ -21,22 +21,11 @@ import torch
 from torch import Tensor
 
 from dyt_kernels import dyt, dyt_modulate, use_backend
-from dyt_kernels.ops.launch import TANH_APPROX, tanh_mode
-from helpers import (FP32_EPS, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol, eps, max_abs,
-                     max_abs_err, poisoned_empty, reduction_atol, rms)
-
-# tanh.approx.f32's documented max relative error (PTX ISA: 2^-10.987), rounded up; GPUs use it for
-# bf16/fp16 outputs. |tanh| <= 1, so it also bounds the absolute error.
-TANH_APPROX_ERR = 2.0 ** -10.9
+from helpers import (FP32_EPS, TANH_APPROX_ERR, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol,
+                     eps, max_abs, max_abs_err, poisoned_empty, reduction_atol, rms, tanh_abs_err)
 
 DYT_GRADS = ("x", "alpha", "weight", "bias")
 MODULATE_GRADS = ("x", "residual", "shift", "scale", "gate", "weight", "bias", "alpha")
-
-
-def tanh_abs_err(dtype: torch.dtype) -> float:
-    """Bound on |tanh form - tanh| of the form the kernels pick for this output dtype (torch's fp32
-    tanh on the torch backend is within the fp32 bound too)."""
-    return TANH_APPROX_ERR if tanh_mode(dtype) == TANH_APPROX else TANH_F32_ABS_ERR
 
 
 def sequential_sum_err(terms64: Tensor, *, total: bool = False) -> float:

@@ -16,6 +16,10 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from dyt_kernels.backend import INTERPRETER
+from dyt_kernels.ops import dyt as dyt_ops, plan
+from dyt_kernels.ops.primitives import TANH_APPROX
+
 FP32_EPS = torch.finfo(torch.float32).eps  # 2^-23
 
 # Max abs error of the kernels' fp32 tanh form (TANH_F32), asserted by tests/test_tanh.py: within
@@ -25,6 +29,14 @@ TANH_F32_ABS_ERR = 2 * FP32_EPS
 # tanh.approx.f32's documented max relative error (PTX ISA: 2^-10.987), rounded up; the form the
 # kernels use for bf16/fp16 outputs on a GPU.
 TANH_APPROX_ERR = 2.0 ** -10.9
+
+
+def tanh_abs_err(dtype: torch.dtype) -> float:
+    """Bound on |tanh form - tanh| for the form the kernels pick for this output dtype (|tanh| <= 1,
+    so the approx form's relative bound is also an absolute one; tests/test_tanh.py pins both).
+    torch's own fp32 tanh, on the torch backend, is within the fp32 bound too."""
+    mode = dyt_ops.tanh_mode(dtype, plan.INTERPRETER_PROPS if INTERPRETER else plan.HOPPER)
+    return TANH_APPROX_ERR if mode == TANH_APPROX else TANH_F32_ABS_ERR
 
 
 def eps(dtype: torch.dtype) -> float:

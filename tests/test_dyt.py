@@ -15,7 +15,7 @@ from dyt_kernels import dyt, reference, use_backend
 from dyt_kernels.backend import INTERPRETER
 from dyt_kernels.ops import dyt as dyt_ops, plan
 from dyt_kernels.ops.primitives import TANH_APPROX
-from helpers import (FP32_EPS, TANH_APPROX_ERR, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol, max_abs,
+from helpers import (FP32_EPS, TANH_APPROX_ERR, TANH_F32_ABS_ERR, tanh_abs_err, assert_close_3way, assert_fresh, elementwise_atol, max_abs,
                      max_abs_err, poisoned_empty, reduction_atol, rms)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -58,13 +58,6 @@ def naive_dyt(x, alpha, weight, bias, channels_last=True):
     if bias is not None:
         y = y + _channel(bias.to(x.dtype), x, channels_last)
     return y
-
-
-def tanh_abs_err(dtype: torch.dtype) -> float:
-    """Bound on |tanh form - tanh| for the form the kernels pick for this dtype (|tanh| <= 1, so the
-    approx form's relative bound is also an absolute one; tests/test_tanh.py pins both)."""
-    mode = dyt_ops.tanh_mode(dtype, plan.INTERPRETER_PROPS if INTERPRETED else plan.HOPPER)
-    return TANH_APPROX_ERR if mode == TANH_APPROX else TANH_F32_ABS_ERR
 
 
 def _leaves(*ts):

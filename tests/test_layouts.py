@@ -10,8 +10,8 @@ NaN-poisoned allocations, and for storage shared with an input.
 
 Reproducing a failure: its message starts with the case (seed and every choice); rerun it alone
 with `pytest tests/test_layouts.py -k <case id>`. DYT_LAYOUT_SEED=<int> draws a fresh set of cases
-(for exploring; the committed seed is SEED). Cases that hit a known, still-open library defect are
-marked xfail(strict) by `known_defect`, so they turn red the moment the defect is fixed.
+(for exploring; the committed seed is SEED). This test found issue 12's silent channels-first
+defect (a non-contiguous 2-D x) and the torch path's 0-channel backward, both since fixed.
 """
 from __future__ import annotations
 
@@ -223,41 +223,11 @@ def describe(case) -> str:
             f"{fields}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Known, still-open library defects (issue 12): their cases are xfail(strict) until fixed.
-# --------------------------------------------------------------------------------------------------
-
-def _has_channel_params(case) -> bool:
-    """Whether some argument is a per-channel tensor (weight, bias, or an alpha of C elements)."""
-    return case.weight is not None or case.bias is not None or case.alpha.startswith("per-channel/")
-
-
-def known_defect(case) -> str | None:
-    if isinstance(case, DytCase):
-        numel = torch.Size(case.shape).numel()
-        C = case.channels
-        if (case.backend == "triton" and not case.channels_last and len(case.shape) == 2 and numel
-                and not is_contiguous(case.shape, case.x_view) and C > 1
-                and (_has_channel_params(case) or case.shape[0] % C)):
-            # as_rows returns a 2-D tensor unchanged when n == 1, so the per-row layout reads the
-            # sample index as the channel: per-channel values and their gradients go to the wrong
-            # channels, and the backward's view(3, -1, C) fails unless C divides the sample count.
-            return "issue 12 #1: triton dyt(channels_last=False) on a non-contiguous 2-D x mixes up channels"
-        if case.backend == "torch" and C == 0 and _has_channel_params(case):
-            return "issue 12: torch-path dyt backward fails on 0 channels (reshape(-1, 0) of 0 elements)"
-    else:
-        if case.backend == "torch" and case.shape[2] == 0 and _has_channel_params(case):
-            return "issue 12: torch-path dyt_modulate backward fails on 0 channels (reshape(-1, 0) of 0 elements)"
-    return None
-
-
 def _params(op: str, backend: str):
     out = []
     for i in range(N_CASES[(op, backend)]):
         case = (draw_dyt_case if op == "dyt" else draw_modulate_case)(i, backend)
-        defect = known_defect(case)
-        marks = [pytest.mark.xfail(strict=True, reason=defect)] if defect else []
-        out.append(pytest.param(case, id=case.id, marks=marks))
+        out.append(pytest.param(case, id=case.id))
     return out
 
 

@@ -163,12 +163,13 @@ def _dyt_bwd_kernel(
                          other=0.0)
         dy_next = tl.load(dy_ptr + row_offsets(rows_n, stride_dym, INDEX_64) + cols_n[None, :], mask=mask_n,
                           other=0.0)
-        # Padded lanes hold x = 0; alpha = +-inf would make a*x NaN there and poison the sums.
+        # Padded lanes hold x = dy = 0, but an infinite alpha or weight there would still give
+        # inf * 0 = NaN and poison the sums: they are zeroed explicitly.
         t = tanh_f32(tl.where(mask, a * x, 0.0), TANH)
         g_t = dy * (1.0 - t * t)
         if HAS_WEIGHT:
             acc_w += dy * t
-            g_t = g_t * w
+            g_t = tl.where(mask, g_t * w, 0.0)
         if HAS_BIAS:
             acc_b += dy
         acc_a += g_t * x

@@ -228,13 +228,14 @@ def _modulate_bwd_kernel(
             gt_n = tl.load(gate_ptr + _mod_offsets(sample_n, tokens_n, stride_gb, stride_gl, INDEX_64)
                            + cols[None, :], mask=mask_n, other=0.0)
 
-        # Padded lanes hold r = 0; alpha = +-inf would make a*r NaN there and poison the sums.
+        # Padded lanes hold r = dh = 0, but an infinite alpha, weight or bias there would still give
+        # inf * 0 = NaN and poison the sums: they are zeroed explicitly.
         t = tanh_f32(tl.where(mask, a * r, 0.0), TANH)
         n = t
         if HAS_WEIGHT:
             n = n * w
         if HAS_BIAS:
-            n = n + bias
+            n = tl.where(mask, n + bias, 0.0)
         if SCALE_PER_TOKEN:
             tl.store(dscale_tok + row_offsets(rows, N, INDEX_64) + cols[None, :],
                      (dh * n).to(dscale_tok.dtype.element_ty), mask=mask)
@@ -245,7 +246,7 @@ def _modulate_bwd_kernel(
         dn = dh * (1.0 + scale)
         if HAS_WEIGHT:
             acc_w += dn * t
-            dz = dn * w * (1.0 - t * t)
+            dz = tl.where(mask, dn * w * (1.0 - t * t), 0.0)
         else:
             dz = dn * (1.0 - t * t)
         if HAS_BIAS:

@@ -173,7 +173,7 @@ class KernelSpec:
         return kw
 
 
-TT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def pointer(dtype: torch.dtype) -> str:
