@@ -238,6 +238,7 @@ class BackwardPlan:
     programs_per_sm: int
     spec: P.KernelSpec
     part_stride: int       # fp32 elements per partial stream (programs * K)
+    K: int                 # partial sums per program: N, or M if per_row
 
 
 BWD_WARPS = 16
@@ -251,6 +252,9 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
     tile = P.streaming_tile(M, N, dtype, MAX_BLOCK_N)
     index64 = P.needs_index64(M * N)
     alpha_t, w_t, b_t = param_dtypes
+    cols_bytes = lambda t: P.cdiv(P.vector_width(dtype) * torch.empty((), dtype=t).element_size(), 16)  # noqa: E731
+    vectors = 1 + sum(cols_bytes(t) for t, on in ((alpha_t, flags.alpha_per_channel), (w_t, flags.has_weight),
+                                                  (b_t, flags.has_bias)) if on and not flags.per_row)
     spec = P.KernelSpec(
         _dyt_fwd_kernel,
         (("x_ptr", P.pointer(dtype)), ("y_ptr", P.pointer(dtype)), ("alpha_ptr", P.pointer(alpha_t)),
@@ -259,7 +263,7 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
         _constexprs(flags, dtype, props, index64, tile),
         ("x_ptr", "y_ptr", "alpha_ptr", "w_ptr", "b_ptr") + _divisible({"M": M, "N": N, "C": C, "stride_xm": N,
                                                                       "stride_ym": N}),
-        tile.num_warps, P.STREAM_MAXNREG)
+        tile.num_warps, P.streaming_maxnreg(vectors))
     grid = P.cdiv(M, tile.block_m) * P.cdiv(N, tile.block_n)
     return ForwardPlan(tile, grid, index64, spec)
 
@@ -293,7 +297,27 @@ def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tupl
         raise RuntimeError(f"dyt backward tile {tile} does not fit one SM of {props.name}")
     programs, steps = P.split_reduction(tiles, blocks, per_sm, props)
     part_stride = max(programs * K, programs * blocks)
-    return BackwardPlan(tile, blocks, programs, steps, programs * blocks, index64, per_sm, spec, part_stride)
+    return BackwardPlan(tile, blocks, programs, steps, programs * blocks, index64, per_sm, spec, part_stride, K)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes (the module docstring's budget, with the per-channel vectors; the static report and the
+# benchmarks count with these).
+
+def min_bytes(direction: str, M: int, N: int, elem: int, alpha_bytes: int, weight_bytes: int,
+              bias_bytes: int) -> int:
+    """Each input read once, each output written once (per-vector sizes in bytes, 0 when absent)."""
+    if direction == "fwd":   # read x, alpha, weight, bias; write y
+        return 2 * M * N * elem + alpha_bytes + weight_bytes + bias_bytes
+    # read dy, x, alpha, weight; write dx, dalpha, dweight, dbias
+    return 3 * M * N * elem + 2 * alpha_bytes + 2 * weight_bytes + bias_bytes
+
+
+def side_bytes(p: BackwardPlan, flags: Flags) -> int:
+    """The backward's fp32 partials, written by the main kernel and read back by the finishing one."""
+    streams = int(flags.has_weight) + int(flags.has_bias) + int(flags.alpha_per_channel)
+    scalar_alpha = 0 if flags.alpha_per_channel else p.grid
+    return 2 * 4 * (streams * p.programs * p.K + scalar_alpha)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -376,6 +376,11 @@ def plan_forward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flag
     tile = P.streaming_tile(M, D, dtype, _FWD_MAX_BLOCK_N)
     index64 = P.needs_index64(M * D)
     res_t, gate_t, shift_t, scale_t, alpha_t, w_t, b_t = dtypes
+    # 16-byte vectors a thread loads: x, shift, scale (+ residual, gate), and the per-channel vectors,
+    # each as wide as its dtype makes the tile's columns.
+    cols_bytes = lambda t: P.cdiv(P.vector_width(dtype) * torch.empty((), dtype=t).element_size(), 16)  # noqa: E731
+    vectors = (3 + 2 * flags.has_residual + sum(cols_bytes(t) for t, on in
+               ((alpha_t, flags.alpha_per_channel), (w_t, flags.has_weight), (b_t, flags.has_bias)) if on))
     ints = {"M": M, "N": D, "L": L, "stride_xm": D, "stride_resm": D, "stride_hm": D, "stride_rm": D,
             "stride_gb": D, "stride_gl": D, "stride_shb": D, "stride_shl": D, "stride_scb": D, "stride_scl": D}
     ptrs = (("x_ptr", dtype), ("res_ptr", res_t), ("gate_ptr", gate_t), ("shift_ptr", shift_t),
@@ -388,7 +393,7 @@ def plan_forward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flag
          ("HAS_BIAS", flags.has_bias), ("ALPHA_PER_CHANNEL", flags.alpha_per_channel),
          ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
          ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n)),
-        tuple(n for n, _ in ptrs) + _divisible(ints), tile.num_warps, P.STREAM_MAXNREG)
+        tuple(n for n, _ in ptrs) + _divisible(ints), tile.num_warps, P.streaming_maxnreg(vectors))
     return ForwardPlan(tile, P.cdiv(M, tile.block_m) * P.cdiv(D, tile.block_n), index64, spec)
 
 
@@ -451,6 +456,36 @@ def plan_backward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, fla
     S, tpc, U, programs = choose_split(B, T, slots)
     spec = spec_for(S > 1)
     return BackwardPlan(tile, col_blocks, programs, S, tpc, U, programs * col_blocks, index64, per_sm, spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes (the module docstring's table; the static report and the benchmarks count with these).
+
+def min_bytes(direction: str, B: int, L: int, D: int, elem: int, mod_elem: int, alpha_bytes: int, *,
+              residual: bool, gate: bool, per_token: bool = False) -> int:
+    """Each input read once, each output written once: no affine, modulation tensors of mod_elem
+    bytes per element, (B, D) per sample or (B, L, D) per token."""
+    E, P_ = B * L * D, (B * L * D if per_token else B * D)
+    if direction == "fwd":
+        streams = 4 if residual else 2          # x, h (+ residual, r)
+        mods = 3 if gate else 2                 # shift, scale (+ gate)
+        return streams * E * elem + mods * P_ * mod_elem + alpha_bytes
+    streams = 3 if not residual else 4 if not gate else 6   # see the table above
+    # read scale (+ gate); write dshift, dscale (+ dgate); a per-token dshift is dh itself
+    mods = (5 if gate else 3) - (1 if per_token else 0)
+    return streams * E * elem + mods * P_ * mod_elem + 2 * alpha_bytes
+
+
+def side_bytes(p: BackwardPlan, flags: BwdFlags, B: int, D: int) -> int:
+    """The backward's fp32 partials, written by the main kernel and read back by the finishing one:
+    per-channel rows per program (a scalar alpha: one number), and per-sample rows when split."""
+    streams = int(flags.has_weight) + int(flags.has_bias) + int(flags.alpha_per_channel)
+    channel = streams * p.programs * D + (0 if flags.alpha_per_channel else p.grid)
+    sample = 0
+    if p.split:
+        sample = B * p.chunks * D * (int(not flags.shift_per_token) + int(not flags.scale_per_token)
+                                     + int(flags.has_gate and not flags.gate_per_token))
+    return 2 * 4 * (channel + sample)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -218,6 +218,12 @@ STREAM_WARPS = 8
 STREAM_MAXNREG = 40
 
 
+def streaming_maxnreg(vectors: int) -> int:
+    """The register cap for a streaming kernel whose threads load `vectors` 16-byte vectors: room for
+    all of them (4 registers each) plus ~16 for addresses and math, never below STREAM_MAXNREG."""
+    return max(STREAM_MAXNREG, cdiv(4 * vectors + 16, 8) * 8)
+
+
 def streaming_tile(M: int, N: int, dtype: torch.dtype, max_block_n: int) -> Tile:
     """A forward's tile: exactly one 16-byte vector of the main input per thread (8 warps: 4 KB).
 
