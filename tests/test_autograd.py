@@ -1,0 +1,127 @@
+"""The paths autograd.py gives a call: eager Functions, and under torch.compile the fused path
+(pointwise forward the compiler fuses, our backward kernel as a custom op) and the opaque one.
+
+The compiled paths are traced here on CPU tensors, where the custom ops compute with reference.py;
+on a GPU the same graphs launch the kernels (bench/gpu_check.sh runs them). Every path is checked
+against the same float64 oracle as the eager kernels.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyt_kernels import dyt, dyt_modulate, reference, use_backend
+from dyt_kernels.autograd import DyTFused, DyTModulateFused
+
+
+class _Graphs:
+    """A torch.compile backend that keeps the graphs dynamo hands it and runs them as they are."""
+
+    def __init__(self):
+        self.code: list[str] = []
+
+    def __call__(self, gm, example_inputs):
+        self.code.append(gm.code)
+        for sub in gm.modules():
+            if sub is not gm and hasattr(sub, "code"):
+                self.code.append(sub.code)
+        return gm.forward
+
+
+def _inputs(shape, C, dtype=torch.float32):
+    x = (2 * torch.randn(shape)).to(dtype).requires_grad_()
+    a = torch.tensor([0.7], requires_grad=True)
+    w, b = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    return x, a, w, b
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["last", "first"])
+def test_fused_path_compiles_to_pointwise_forward_and_kernel_backward(channels_last):
+    """DyTFused under torch.compile(fullgraph): no graph break, the forward is torch's tanh (fusable),
+    the backward is dyt_kernels::dyt_bwd; values equal reference.py's float64 answer to fp32 rounding."""
+    torch._dynamo.reset()
+    shape, C = ((6, 40), 40) if channels_last else ((2, 5, 3, 4), 5)
+    x, a, w, b = _inputs(shape, C)
+    graphs = _Graphs()
+    f = torch.compile(lambda *t: DyTFused.apply(*t, channels_last), backend=graphs, fullgraph=True)
+    y = f(x, a, w, b)
+    dy = torch.randn_like(y)
+    grads = _grads(y, (x, a, w, b), dy)
+    code = "\n".join(graphs.code)
+    assert "dyt_bwd" in code and "dyt_fwd" not in code and "tanh" in code, code
+    x64, a64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, a, w, b))
+    y64 = reference.dyt(x64, a64, w64, b64, channels_last)
+    g64 = _grads(y64, (x64, a64, w64, b64), dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, g64):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual+gate"])
+def test_fused_modulate_path(residual):
+    torch._dynamo.reset()
+    B, L, D = 2, 5, 24
+    x, a, w, b = _inputs((B, L, D), D)
+    shift, scale, gate = (torch.randn(B, D, requires_grad=True) for _ in range(3))
+    res = torch.randn(B, L, D, requires_grad=True) if residual else None
+    g = gate if residual else None
+    graphs = _Graphs()
+    f = torch.compile(lambda *t: DyTModulateFused.apply(*t), backend=graphs, fullgraph=True)
+    out = f(x, a, shift, scale, w, b, res, g)
+    outs = list(out) if residual else [out]
+    inputs = [t for t in (x, a, shift, scale, w, b, res, g) if t is not None]
+    douts = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, douts)
+    code = "\n".join(graphs.code)
+    assert "dyt_modulate_bwd" in code and "dyt_modulate_fwd" not in code, code
+    in64 = [t.detach().double().requires_grad_() for t in inputs]
+    it = iter(in64)
+    args64 = [next(it) if t is not None else None for t in (x, a, shift, scale, w, b, res, g)]
+    out64 = reference.dyt_modulate(*args64)
+    outs64 = list(out64) if residual else [out64]
+    g64 = torch.autograd.grad(outs64, in64, [d.double() for d in douts])
+    for o, r in zip(outs, outs64):
+        torch.testing.assert_close(o.double(), r, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, g64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_opaque_path_keeps_both_kernels_under_compile():
+    """use_backend("triton") under compile: the custom ops in both directions."""
+    torch._dynamo.reset()
+    x, a, w, b = _inputs((6, 40), 40)
+    graphs = _Graphs()
+    with use_backend("triton"):
+        y = torch.compile(lambda *t: dyt(*t), backend=graphs, fullgraph=True)(x, a, w, b)
+        _grads(y, (x, a, w, b), torch.randn_like(y))
+    assert "dyt_fwd" in "\n".join(graphs.code)
+
+
+def test_double_backward_follows_the_reference_formulas():
+    """create_graph=True through the eager Triton path: the backward switches to reference.py's
+    differentiable formulas, so a gradient penalty gets float64's value."""
+    x, a, _, _ = _inputs((3, 16), 16)
+    with use_backend("triton"):
+        (gx,) = torch.autograd.grad(dyt(x, a).pow(2).sum(), x, create_graph=True)
+        (ga,) = torch.autograd.grad(gx.pow(2).sum(), a)
+    x64, a64 = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    (gx64,) = torch.autograd.grad(torch.tanh(a64 * x64).pow(2).sum(), x64, create_graph=True)
+    (ga64,) = torch.autograd.grad(gx64.pow(2).sum(), a64)
+    torch.testing.assert_close(ga.double(), ga64, rtol=1e-5, atol=1e-6)
+
+
+def test_modulate_double_backward():
+    B, L, D = 2, 3, 8
+    x = torch.randn(B, L, D, requires_grad=True)
+    s = torch.randn(B, D, requires_grad=True)
+    with use_backend("triton"):
+        (gx,) = torch.autograd.grad(dyt_modulate(x, 0.5, s, s).pow(2).sum(), x, create_graph=True)
+        (gs,) = torch.autograd.grad(gx.pow(2).sum(), s)
+    with use_backend("torch"):
+        (gx_t,) = torch.autograd.grad(dyt_modulate(x, 0.5, s, s).pow(2).sum(), x, create_graph=True)
+        (gs_t,) = torch.autograd.grad(gx_t.pow(2).sum(), s)
+    torch.testing.assert_close(gs, gs_t, rtol=1e-5, atol=1e-6)
