@@ -434,14 +434,9 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     C = x.shape[-1] if channels_last else x.shape[1]
     layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
     dx = empty_like_layout(x, layout)
-    dw = None if weight is None else torch.empty_like(weight)
-    db = None if bias is None else torch.empty_like(bias)
-    da = torch.empty_like(alpha)
     if x.numel() == 0:
-        for g in (dw, db, da):
-            if g is not None:
-                g.zero_()
-        return dx, da, dw, db
+        zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
+        return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
     x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
     M, N = x2.shape
     cfg = None if slot is None else slot[1]
@@ -452,6 +447,9 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
             slot[1] = cfg
     p = cfg.plan
     part = torch.empty((3, p.part_stride), dtype=torch.float32, device=x.device)
+    da = torch.empty_like(alpha)
+    dw = None if weight is None else torch.empty_like(weight)
+    db = None if bias is None else torch.empty_like(bias)
     (_dyt_bwd_kernel if launch is None else launch(_dyt_bwd_kernel))[cfg.grid](
         dy2, x2, dx2, alpha, x2 if weight is None else weight, part,
         M, N, C, dy2.stride(0), x2.stride(0), dx2.stride(0), p.steps, p.part_stride, **cfg.kwargs)
