@@ -19,9 +19,35 @@ from .ops import modulate as mod_ops
 
 def _shift_grad(dshift, dh, shift):
     """dshift, or dh itself where shift is per token (its gradient is the upstream gradient)."""
-    if dshift is None or dshift.numel() == 0 and shift.numel() != 0:
+    if dshift is None:
         return dh if dh.dtype == shift.dtype else dh.to(shift.dtype)
     return dshift
+
+
+def _present(g, p):
+    """A custom op's gradient, None where its input was None (custom ops return empty tensors)."""
+    return None if p is None else g
+
+
+def _library_dyt_backward(dy, x, alpha, weight, bias, channels_last):
+    dx, da, dw, db = torch.ops.dyt_kernels.dyt_bwd(dy, x, alpha, weight, bias, channels_last)
+    return dx, da, _present(dw, weight), _present(db, bias)
+
+
+def _library_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual):
+    """The custom op's gradients in mod_ops.backward's convention (None where absent or per token)."""
+    dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
+        dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
+    if has_residual and gate is None:
+        dres = dx.to(r.dtype)  # the op returns it once (outputs may not alias)
+    dshift = None if dshift.numel() == 0 and shift.numel() != 0 else dshift
+    return (dx, dres if has_residual else None, _present(dgate, gate), dshift, dscale, _present(dw, weight),
+            _present(db, bias), da)
+
+
+def _save_dyt(ctx, x, alpha, weight, bias, channels_last):
+    ctx.save_for_backward(x, alpha, weight, bias)
+    ctx.channels_last = channels_last
 
 
 class DyTFunction(torch.autograd.Function):
@@ -29,21 +55,17 @@ class DyTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, slot):
-        ctx.save_for_backward(x, alpha, weight, bias)
-        ctx.channels_last = channels_last
+        _save_dyt(ctx, x, alpha, weight, bias, channels_last)
         ctx.slot = slot
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
 
     @staticmethod
     def backward(ctx, dy):
-        x, alpha, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty): the kernels are not differentiable, the
             # reference formulas are; they give the same gradients in torch ops autograd can follow.
-            dx, da, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias, ctx.channels_last)
-        else:
-            dx, da, dw, db = dyt_ops.backward(dy, x, alpha, weight, bias, ctx.channels_last, slot=ctx.slot)
-        return dx, da, dw, db, None, None
+            return (*reference.dyt_backward(dy, *ctx.saved_tensors, ctx.channels_last), None, None)
+        return (*dyt_ops.backward(dy, *ctx.saved_tensors, ctx.channels_last, slot=ctx.slot), None, None)
 
 
 class DyTReference(torch.autograd.Function):
@@ -51,49 +73,52 @@ class DyTReference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last):
-        ctx.save_for_backward(x, alpha, weight, bias)
-        ctx.channels_last = channels_last
+        _save_dyt(ctx, x, alpha, weight, bias, channels_last)
         return reference.dyt(x, alpha, weight, bias, channels_last)
 
     @staticmethod
     def backward(ctx, dy):
-        x, alpha, weight, bias = ctx.saved_tensors
-        dx, da, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias, ctx.channels_last)
-        return dx, da, dw, db, None
+        return (*reference.dyt_backward(dy, *ctx.saved_tensors, ctx.channels_last), None)
 
 
-class DyTFused(torch.autograd.Function):
-    """Compiled path: pointwise forward (the compiler fuses it), our kernel for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, weight, bias, channels_last):
-        ctx.save_for_backward(x, alpha, weight, bias)
-        ctx.channels_last = channels_last
-        return reference.dyt(x, alpha, weight, bias, channels_last)
+class DyTFused(DyTReference):
+    """Compiled path: the pointwise forward (the compiler fuses it), our kernel for the backward."""
 
     @staticmethod
     def backward(ctx, dy):
-        x, alpha, weight, bias = ctx.saved_tensors
-        dx, da, dw, db = torch.ops.dyt_kernels.dyt_bwd(dy, x, alpha, weight, bias, ctx.channels_last)
-        return dx, da, None if weight is None else dw, None if bias is None else db, None
+        return (*_library_dyt_backward(dy, *ctx.saved_tensors, ctx.channels_last), None)
+
+
+def _save_modulate(ctx, x, r, alpha, shift, scale, weight, bias, gate):
+    ctx.save_for_backward(x, r, alpha, shift, scale, weight, bias, gate)
+    ctx.has_residual = r is not None
+
+
+def _modulate_backward(ctx, dh, dr, grads):
+    """The Function's gradients from a `grads` with mod_ops.backward's signature and convention."""
+    x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
+    dx, dres, dgate, dshift, dscale, dw, db, da = grads(
+        dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
+    return dx, da, _shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
+
+
+def _reference_modulate(x, alpha, shift, scale, weight, bias, residual, gate):
+    out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
+    return (out, None) if residual is None else out
 
 
 class DyTModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, shift, scale, weight, bias, residual, gate):
         h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate)
-        ctx.save_for_backward(x, r, alpha, shift, scale, weight, bias, gate)
-        ctx.has_residual = residual is not None
+        _save_modulate(ctx, x, r, alpha, shift, scale, weight, bias, gate)
         return h if r is None else (h, r)
 
     @staticmethod
     def backward(ctx, dh, dr=None):
-        x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
         # create_graph=True: the differentiable reference formulas (see DyTFunction.backward).
         grads = reference.dyt_modulate_grads if torch.is_grad_enabled() else mod_ops.backward
-        dx, dres, dgate, dshift, dscale, dw, db, da = grads(
-            dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
-        return dx, da, _shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
+        return _modulate_backward(ctx, dh, dr, grads)
 
 
 class DyTModulateReference(torch.autograd.Function):
@@ -101,39 +126,18 @@ class DyTModulateReference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, shift, scale, weight, bias, residual, gate):
-        out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
-        h, r = (out, None) if residual is None else out
-        ctx.save_for_backward(x, r, alpha, shift, scale, weight, bias, gate)
-        ctx.has_residual = residual is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, dh, dr=None):
-        x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
-        dx, dres, dgate, dshift, dscale, dw, db, da = reference.dyt_modulate_grads(
-            dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
-        return dx, da, _shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
-
-
-class DyTModulateFused(torch.autograd.Function):
-    """Compiled path for dyt_modulate: pointwise forward, our kernels for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, shift, scale, weight, bias, residual, gate):
-        out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
-        h, r = (out, None) if residual is None else out
-        ctx.save_for_backward(x, r, alpha, shift, scale, weight, bias, gate)
-        ctx.has_residual = residual is not None
+        h, r = _reference_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
+        _save_modulate(ctx, x, r, alpha, shift, scale, weight, bias, gate)
         return h if r is None else (h, r)
 
     @staticmethod
     def backward(ctx, dh, dr=None):
-        x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
-        r = r if ctx.has_residual else x
-        dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
-            dh, dr, x, r, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
-        if ctx.has_residual and gate is None:
-            dres = dx.to(r.dtype)
-        opt = lambda g, p: None if p is None else g  # noqa: E731
-        return (dx, da, _shift_grad(dshift, dh, shift), dscale, opt(dw, weight), opt(db, bias),
-                dres if ctx.has_residual else None, opt(dgate, gate))
+        return _modulate_backward(ctx, dh, dr, reference.dyt_modulate_grads)
+
+
+class DyTModulateFused(DyTModulateReference):
+    """Compiled path for dyt_modulate: the pointwise forward, our kernels for the backward."""
+
+    @staticmethod
+    def backward(ctx, dh, dr=None):
+        return _modulate_backward(ctx, dh, dr, _library_modulate_grads)

@@ -14,6 +14,7 @@ from ._checks import as_alpha, check_finite, check_input, check_modulation, chec
 from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFused, DyTModulateReference,
                        DyTReference)
 from .backend import get_backend, use_triton
+from .ops.plan import BoundedCache
 
 
 def _compiled_route(x: Tensor) -> str:
@@ -74,19 +75,9 @@ def _check_dyt_args(x, alpha, weight, bias, channels_last):
             check_param("bias", bias, x, channels))
 
 
-class _Validated(dict):
-    """Argument signatures (shapes, dtypes, devices, contiguity) that passed the checks unchanged,
-    each with a slot for its launch configurations: a call that matches one skips the checks. Bounded."""
-    LIMIT = 4096
-
-    def add(self, sig, slot: list) -> list:
-        if len(self) >= self.LIMIT:
-            self.clear()
-        self[sig] = slot
-        return slot
-
-
-_VALIDATED = _Validated()
+# Argument signatures (shapes, dtypes, devices, contiguity) that passed the checks unchanged, each with
+# a slot for its launch configurations: a call that matches one skips the checks.
+_VALIDATED = BoundedCache()
 
 
 def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):

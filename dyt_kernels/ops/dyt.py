@@ -220,14 +220,6 @@ def _divisible(values: dict[str, int]) -> tuple:
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
-    tile: P.Tile
-    grid: int
-    index64: bool
-    spec: P.KernelSpec
-
-
-@dataclass(frozen=True)
 class BackwardPlan:
     tile: P.Tile
     blocks: int            # column blocks (row blocks if per_row)
@@ -247,7 +239,7 @@ MAX_BLOCK_N = 1024
 
 @functools.lru_cache(maxsize=4096)
 def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
-                 props: P.DeviceProps) -> ForwardPlan:
+                 props: P.DeviceProps) -> P.ForwardPlan:
     P.check_rows(M)
     tile = P.streaming_tile(M, N, dtype, MAX_BLOCK_N)
     index64 = P.needs_index64(M * N)
@@ -265,7 +257,7 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
                                                                       "stride_ym": N}),
         tile.num_warps, P.streaming_maxnreg(vectors))
     grid = P.cdiv(M, tile.block_m) * P.cdiv(N, tile.block_n)
-    return ForwardPlan(tile, grid, index64, spec)
+    return P.ForwardPlan(tile, grid, index64, spec)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -416,12 +408,7 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
             return y
         x2, y2 = as_rows(x, layout, C), as_rows(y, layout, C)
     M, N = x2.shape
-    cfg = None if slot is None else slot[0]
-    if cfg is None:
-        key = _key(x2, C, x, alpha, weight, bias, layout.per_row)
-        cfg = _FWD.get(key) or _forward_launch(key)
-        if slot is not None:
-            slot[0] = cfg
+    cfg = P.cached_launch(slot, 0, _FWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row), _forward_launch)
     (_dyt_fwd_kernel if launch is None else launch(_dyt_fwd_kernel))[cfg.grid](
         x2, y2, alpha, x2 if weight is None else weight, x2 if bias is None else bias,
         M, N, C, x2.stride(0), y2.stride(0), **cfg.kwargs)
@@ -439,12 +426,8 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
     x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
     M, N = x2.shape
-    cfg = None if slot is None else slot[1]
-    if cfg is None:
-        key = _key(x2, C, x, alpha, weight, bias, layout.per_row)
-        cfg = _BWD.get(key) or _backward_launch(key)
-        if slot is not None:
-            slot[1] = cfg
+    cfg = P.cached_launch(slot, 1, _BWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row),
+                          _backward_launch)
     p = cfg.plan
     part = torch.empty((3, p.part_stride), dtype=torch.float32, device=x.device)
     da = torch.empty_like(alpha)

@@ -333,14 +333,6 @@ class BwdFlags:
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
-    tile: P.Tile
-    grid: int
-    index64: bool
-    spec: P.KernelSpec
-
-
-@dataclass(frozen=True)
 class BackwardPlan:
     tile: P.Tile
     col_blocks: int
@@ -369,7 +361,7 @@ def _divisible(values: dict[str, int]) -> tuple:
 
 @functools.lru_cache(maxsize=4096)
 def plan_forward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flags: FwdFlags,
-                 props: P.DeviceProps) -> ForwardPlan:
+                 props: P.DeviceProps) -> P.ForwardPlan:
     """dtypes: (residual, gate, shift, scale, alpha, weight, bias) element types."""
     M = B * L
     P.check_rows(M)
@@ -394,7 +386,7 @@ def plan_forward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flag
          ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
          ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n)),
         tuple(n for n, _ in ptrs) + _divisible(ints), tile.num_warps, P.streaming_maxnreg(vectors))
-    return ForwardPlan(tile, P.cdiv(M, tile.block_m) * P.cdiv(D, tile.block_n), index64, spec)
+    return P.ForwardPlan(tile, P.cdiv(M, tile.block_m) * P.cdiv(D, tile.block_n), index64, spec)
 
 
 def choose_split(B: int, T: int, programs: int) -> tuple[int, int, int, int]:

@@ -254,6 +254,15 @@ def split_reduction(tiles: int, col_blocks: int, per_sm: int, props: DeviceProps
 
 
 @dataclass(frozen=True)
+class ForwardPlan:
+    """A streaming kernel's plan: one tile per program."""
+    tile: Tile
+    grid: int
+    index64: bool
+    spec: KernelSpec
+
+
+@dataclass(frozen=True)
 class Launch:
     """What a launcher needs per call, computed once per (shape, dtypes, flags, device): the grid and
     the kernel's keyword arguments (constexprs and num_warps), next to the plan they came from."""
@@ -262,17 +271,32 @@ class Launch:
     kwargs: dict
 
 
-class LaunchCache(dict):
-    """Launch configurations by a plain tuple key (cheap to hash on every call); bounded, so shapes
-    that change every call (dynamic sequence lengths) cannot grow it without limit."""
+class BoundedCache(dict):
+    """Values by a plain tuple key (cheap to hash on every call); bounded, so shapes that change every
+    call (dynamic sequence lengths) cannot grow it without limit."""
     LIMIT = 4096
 
-    def add(self, key, launch: Launch) -> Launch:
+    def add(self, key, value):
         if len(self) >= self.LIMIT:
             self.clear()
-        self[key] = launch
-        return launch
+        self[key] = value
+        return value
+
+
+LaunchCache = BoundedCache  # launch configurations by (shape, dtypes, flags, device)
 
 
 def launch_of(plan, spec: KernelSpec, grid: int) -> Launch:
     return Launch(plan, (grid,), spec.launch_kwargs())
+
+
+def cached_launch(slot: list | None, index: int, cache: LaunchCache, key_of, make) -> Launch:
+    """The launch configuration: from the call signature's slot (functional.py), else from the cache
+    by key, else made (and remembered in both)."""
+    launch = None if slot is None else slot[index]
+    if launch is None:
+        key = key_of()
+        launch = cache.get(key) or make(key)
+        if slot is not None:
+            slot[index] = launch
+    return launch
