@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "mlxtend"]
+TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "mlxtend", "einops"]
 
 setup(
     name="dyt_kernels",
