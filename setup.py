@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels for Dynamic Tanh (DyT), a drop-in nn.LayerNorm replacement, "
                 "and compact PixArt-alpha / FLUX diffusion transformers that use them",
-    packages=find_packages(include=["dyt_kernels", "dyt_kernels.*", "models", "models.*", "bench", "bench.*"]),
+    packages=find_packages(include=["dyt_kernels", "dyt_kernels.*"]),
     python_requires=">=3.10",
     # torch brings triton on Linux; the cap matches the newest release these machines serve.
     install_requires=["torch>=2.6,<=2.14.1", "numpy"],

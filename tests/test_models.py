@@ -78,13 +78,14 @@ def forward_backward(model, x, t, backend):
 
 @pytest.mark.parametrize("name", ["pixart", "flux"])
 def test_triton_path_matches_torch_path(name, device):
-    # Three-way check (docs/DESIGN.md, "Proving kernels without a GPU"): against a float64 oracle, the Triton path's fp32 error may be at
-    # most 2x the plain-PyTorch path's fp32 error, plus an atol of 1e-6 of the scale (the
-    # interpreter's exp-based tanh and torch.tanh round differently, ~1e-7 relative). The gradients'
-    # scale is the largest gradient entry of the whole model: rounding anywhere upstream reaches
-    # every reduction, and alpha's gradient (a sum over B*L*D terms that mostly cancel) can be 1e5x
-    # smaller than its terms. randomize's std 0.1 keeps activations O(1); at 0.3 this
-    # random net amplifies fp32 rounding to ~1e-3 and the check would measure the net, not the kernels.
+    # Three-way check (docs/DESIGN.md, "Proving kernels without a GPU"): against a float64 oracle,
+    # the Triton path's fp32 error may be at most 2x the plain-PyTorch path's fp32 error, plus an atol
+    # of 1e-6 of the scale (the interpreter's exp-based tanh and torch.tanh round differently, ~1e-7
+    # relative). The gradients' scale is the largest gradient entry of the whole model: rounding
+    # anywhere upstream reaches every reduction, and alpha's gradient (a sum over B*L*D terms that
+    # mostly cancel) can be 1e5x smaller than its terms. randomize's std 0.1 keeps activations O(1); at
+    # 0.3 this random net amplifies fp32 rounding to ~1e-3 and the check would measure the net, not the
+    # kernels.
     model = randomize(tiny(name, "dyt", device=device))
     x, t = torch.randn(2, 1, 16, 16, device=device), timesteps(name, 2, device)
     oracle = forward_backward(copy.deepcopy(model).double(), x, t, "torch")
