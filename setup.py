@@ -1,13 +1,13 @@
 from setuptools import find_packages, setup
 
-TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "mlxtend"]
+TRAIN = ["torchvision<=0.29.1", "tqdm", "matplotlib", "pyyaml", "mlxtend", "einops"]
 
 setup(
     name="dyt_kernels",
     version="0.1.0",
     description="Fused Triton kernels for Dynamic Tanh (DyT), a drop-in nn.LayerNorm replacement, "
                 "and compact PixArt-alpha / FLUX diffusion transformers that use them",
-    packages=find_packages(include=["dyt_kernels", "dyt_kernels.*", "models", "models.*", "bench", "bench.*"]),
+    packages=find_packages(include=["dyt_kernels", "dyt_kernels.*"]),
     python_requires=">=3.10",
     # torch brings triton on Linux; the cap matches the newest release these machines serve.
     install_requires=["torch>=2.6,<=2.14.1", "numpy"],

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import gc
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch
 from . import bytecount, report
 from .runctl import Budget, Stop, choices, compile_settings, stop_on_sigterm, stop_requested
 from .providers import OPS, Context, Provider, make_inputs, providers_for
-from .timing import TimerConfig, clear_grads, rotation, time_calls, use_graph
+from .timing import TimerConfig, clear_grads, rotation, sync, time_calls, use_graph
 
 MODES = bytecount.MODES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -72,13 +73,32 @@ def resolve_shapes(spec: str) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Case:
+    """One (dtype, shape, op, provider) the run plans: the rows of its modes come from one bench_provider call."""
+    dname: str
+    sname: str
+    op: str
+    shape: tuple
+    provider: Provider
+
+    def base(self) -> dict:
+        p = self.provider
+        return {"op": self.op, "provider": p.name, "label": p.label, "ours": p.ours, "shape_name": self.sname,
+                "shape": list(self.shape), "dtype": self.dname}
+
+    def rows(self, modes: list[str], status: str, reason: str) -> list[dict]:
+        return [dict(self.base(), mode=m, status=status, reason=reason) for m in modes]
+
+
+def plan_cases(dtypes: list[str], shapes: list[str], ops: list[str], planned: Callable[[Provider], bool]) -> list[Case]:
+    """Every case of a run, in the order it runs: dtype, then shape, then op, then provider."""
+    return [Case(dname, sname, op, shape, p) for dname in dtypes for sname in shapes for op in ops
+            if (shape := shape_for(op, sname)) is not None for p in providers_for(op) if planned(p)]
+
+
 def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _mode_fn(mode: str, fwd: Callable, dys: tuple) -> Callable:
@@ -124,11 +144,11 @@ def _peak_memory(fn: Callable, leaves: list, device: torch.device) -> tuple[int 
     if device.type != "cuda":
         return None, None  # the CPU allocator keeps no peak statistics
     clear_grads(leaves)
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    sync(device)
     peak = torch.cuda.max_memory_allocated(device)
     return peak, peak - base
 
@@ -150,7 +170,7 @@ def bench_provider(p: Provider, op: str, shape: tuple, dtype: torch.dtype, modes
         # First call of each set: torch.compile and Triton's JIT/autotuning happen here, untimed.
         t0 = time.perf_counter()
         torch.autograd.backward(_as_tuple(fwds[0]()), dys[0])
-        _sync(device)
+        sync(device)
         first_call_s = time.perf_counter() - t0
         for f, dy in zip(fwds[1:], dys[1:]):
             torch.autograd.backward(_as_tuple(f()), dy)
@@ -168,7 +188,7 @@ def bench_provider(p: Provider, op: str, shape: tuple, dtype: torch.dtype, modes
                 raise
             timer_note = f"cuda graph capture failed ({type(e).__name__}: {str(e)[:200]}); timed with do_bench"
             with contextlib.suppress(Exception):
-                _sync(device)
+                sync(device)
             fns = [_mode_fn(mode, fwds[0], dys[0])]
             (lo, ms, hi), timer = time_calls(fns, leaves, device, cfg, False, stream)
         copy = copies.measure(nbytes, dtype, graph and timer_note is None)
@@ -254,10 +274,10 @@ def run(args: argparse.Namespace) -> dict:
     def planned(p) -> bool:
         return (only is None or p.name in only) and p.name not in skip
 
+    cases = plan_cases(dtypes, shapes, ops, planned)
     if args.merge:
         prev = report.load_section(out_dir, env, "kernels")
-        redo = {(op, p.name, s, d) for op in ops for p in providers_for(op) if planned(p)
-                for s in shapes if shape_for(op, s) is not None for d in dtypes}
+        redo = {(c.op, c.provider.name, c.sname, c.dname) for c in cases}
         section["rows"] = [r for r in prev.get("rows", [])
                            if (r["op"], r["provider"], r["shape_name"], r["dtype"]) not in redo]
         section["previous_configs"] = prev.get("previous_configs", []) + ([prev["config"]] if "config" in prev else [])
@@ -267,6 +287,31 @@ def run(args: argparse.Namespace) -> dict:
         section["speedups"] = _speedups(section["rows"])
         section["elapsed_s"] = budget.elapsed()
         return report.write_section(out_dir, env, "kernels", section, render=render)
+
+    def run_case(case: Case) -> list[dict]:
+        reason = (budget.reason() if budget.spent() else None) or case.provider.unavailable(ctx)
+        if reason:
+            return case.rows(modes, "skipped", reason)
+        dtype = DTYPES[case.dname]
+        fwd_bytes = op_bytes(case.op, "fwd", case.shape, dtype)
+        graph, k = use_graph(device, fwd_bytes, cfg), rotation(device, fwd_bytes, cfg)
+        label, t_start = f"{case.dname} {case.sname} {case.op}/{case.provider.name}", time.perf_counter()
+        try:
+            got = bench_provider(case.provider, case.op, case.shape, dtype, modes, ctx, cfg, graph, k, stream, copies)
+        except Stop:
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
+            if stop_requested():
+                raise Stop() from e
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"  {label}: error {msg}", flush=True)
+            del e
+            gc.collect()  # the traceback's frames hold the failed provider's tensors
+            return case.rows(modes, "error", msg)
+        times = "  ".join(f"{r['mode']} {r['time_ms'] * 1e3:.1f}us {r['gbps']:.0f}GB/s" for r in got)
+        print(f"  {label}: {times}  (first call {got[0]['first_call_s']:.2f}s, "
+              f"{time.perf_counter() - t_start:.1f}s)", flush=True)
+        return [dict(case.base(), **r) for r in got]
 
     from dyt_kernels import use_backend
     threads = torch.get_num_threads()
@@ -279,62 +324,22 @@ def run(args: argparse.Namespace) -> dict:
         with compiler_context, stop_on_sigterm(), use_backend(backend) if backend else contextlib.nullcontext():
             big = (256 << 20) if device.type == "cuda" else (4 << 20)
             section["copy_peak"] = copies.measure(2 * big, torch.float32, False)
-            for dname in dtypes:
-                dtype = DTYPES[dname]
-                for sname in shapes:
-                    for op in ops:
-                        shape = shape_for(op, sname)
-                        if shape is None:
-                            continue
-                        fwd_bytes = op_bytes(op, "fwd", shape, dtype)
-                        graph = use_graph(device, fwd_bytes, cfg)
-                        k = rotation(device, fwd_bytes, cfg)
-                        for p in providers_for(op):
-                            if not planned(p):
-                                continue
-                            base = {"op": op, "provider": p.name, "label": p.label, "ours": p.ours,
-                                    "shape_name": sname, "shape": list(shape), "dtype": dname}
-                            reason = budget.reason() if budget.spent() else None
-                            reason = reason or p.unavailable(ctx)
-                            if reason:
-                                section["rows"] += [dict(base, mode=m, status="skipped", reason=reason) for m in modes]
-                                continue
-                            t_start = time.perf_counter()
-                            try:
-                                got = bench_provider(p, op, shape, dtype, modes, ctx, cfg, graph, k, stream, copies)
-                                section["rows"] += [dict(base, **r) for r in got]
-                                times = "  ".join(f"{r['mode']} {r['time_ms'] * 1e3:.1f}us {r['gbps']:.0f}GB/s"
-                                                  for r in got)
-                                print(f"  {dname} {sname} {op}/{p.name}: {times}  "
-                                      f"(first call {got[0]['first_call_s']:.2f}s, "
-                                      f"{time.perf_counter() - t_start:.1f}s)", flush=True)
-                            except Stop:
-                                raise
-                            except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
-                                if stop_requested():
-                                    raise Stop() from e
-                                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                                section["rows"] += [dict(base, mode=m, status="error", reason=msg) for m in modes]
-                                print(f"  {dname} {sname} {op}/{p.name}: error {msg}", flush=True)
-                                del e
-                                gc.collect()  # the traceback's frames hold the failed provider's tensors
-                        save(render=False)
-                    if device.type == "cuda":
-                        gc.collect()  # free any cycles before the next shape's tensors (~0.3 s a call)
-                        torch.cuda.empty_cache()
+            for i, case in enumerate(cases):
+                section["rows"] += run_case(case)
+                following = cases[i + 1] if i + 1 < len(cases) else None
+                if following is None or (following.dname, following.sname, following.op) != (case.dname, case.sname,
+                                                                                           case.op):
+                    save(render=False)  # after each op's providers: a stopped run keeps what it measured
+                if device.type == "cuda" and (following is None or (following.dname, following.sname) !=
+                                              (case.dname, case.sname)):
+                    gc.collect()  # free any cycles before the next shape's tensors (~0.3 s a call)
+                    torch.cuda.empty_cache()
     except Stop:
-        stopped = "stopped by SIGTERM (stage timeout)"
+        section["stopped"] = "stopped by SIGTERM (stage timeout)"
         done = {(r["op"], r["provider"], r["shape_name"], r["dtype"]) for r in section["rows"]}
-        section["stopped"] = stopped
-        for dname in dtypes:
-            for sname in shapes:
-                for op in ops:
-                    shape = shape_for(op, sname)
-                    for p in providers_for(op) if shape is not None else []:
-                        if planned(p) and (op, p.name, sname, dname) not in done:
-                            section["rows"] += [{"op": op, "provider": p.name, "label": p.label, "ours": p.ours,
-                                                 "shape_name": sname, "shape": list(shape), "dtype": dname,
-                                                 "mode": m, "status": "skipped", "reason": stopped} for m in modes]
+        for case in cases:
+            if (case.op, case.provider.name, case.sname, case.dname) not in done:
+                section["rows"] += case.rows(modes, "skipped", section["stopped"])
     finally:
         torch.set_num_threads(threads)
     paths = save(render=True)

@@ -41,9 +41,9 @@ import torch
 
 from . import report
 from .runctl import Budget, Stop, choices, compile_settings, stop_on_sigterm, stop_requested
+from .timing import sync
 
 MODEL_NAMES = ("pixart", "flux")
-NORMS = ("layernorm", "dyt")
 STEP_KINDS = ("train", "sample")
 COMPILE_MODES = ("eager", "compiled")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -53,7 +53,6 @@ MATCHING_RULE = ("a kernel counts as norm+modulate when its name contains 'dyt',
                  "'layer_norm'/'layernorm', "
                  "'rms_norm'/'rmsnorm' or 'gammabeta', or contains 'tanh' but not 'gelu' (case-insensitive); "
                  "eager shares miss the modulate's separate mul/add kernels")
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def is_norm_kernel(name: str) -> bool:
@@ -62,23 +61,22 @@ def is_norm_kernel(name: str) -> bool:
 
 
 def load_builder():
-    """(models.build_model, None), or (None, why not)."""
+    """(models.build_model, None), or (None, why not): the models need the train extra (einops), which
+    a kernels-only install lacks; the model benchmark then records why it skipped."""
     try:
-        import models
+        from models import build_model
     except Exception as e:  # noqa: BLE001 - any import failure means: skip, and say why
         return None, f"the models package is not importable: {type(e).__name__}: {e}"
-    build = getattr(models, "build_model", None)
-    if build is None:
-        return None, "models.build_model does not exist yet (the models package is still being written)"
-    return build, None
+    return build_model, None
 
 
 def prompts(batch: int) -> list[str]:
     """One digit per image, as numeral or word, every fifth one dropped: the training distribution."""
+    from models.text import DIGIT_WORDS
     out = []
     for i in range(batch):
         d = i % 10
-        out.append("" if i % 5 == 4 else (str(d) if i % 2 else WORDS[d]))
+        out.append("" if i % 5 == 4 else (str(d) if i % 2 else DIGIT_WORDS[d]))
     return out
 
 
@@ -94,11 +92,6 @@ def make_batch(name: str, batch: int, in_channels: int, image_size: int, device:
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(kind: str, model, fwd: Callable, x, t, texts: list[str], amp_dtype, device) -> Callable[[], None]:
@@ -132,11 +125,11 @@ def time_steps(step: Callable, device: torch.device, steps: int, repeats: int) -
     """Steps per second of `repeats` blocks of `steps` back-to-back steps (one sync per block)."""
     rates = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
         rates.append(steps / (time.perf_counter() - t0))
     return rates
 
@@ -157,7 +150,7 @@ def norm_share(step: Callable, device: torch.device, steps: int) -> dict:
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
     per_name: dict = {}
     for evt in prof.events():
         on_gpu = str(evt.device_type).endswith("CUDA")
@@ -187,10 +180,10 @@ def bench_config(build, name: str, norm: str, compiled: bool, kind: str, args, d
     fwd = torch.compile(model, backend=compile_backend) if compiled else model
     x, t = make_batch(name, args.batch, args.in_channels, args.image_size, device)
     step = make_step(kind, model, fwd, x, t, prompts(args.batch), amp_dtype, device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     step()  # compile, autotuning and lazy initialisation land here
-    _sync(device)
+    sync(device)
     first_step_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
@@ -209,7 +202,7 @@ def bench_config(build, name: str, norm: str, compiled: bool, kind: str, args, d
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", default=",".join(MODEL_NAMES))
-    ap.add_argument("--norms", default=",".join(NORMS))
+    ap.add_argument("--norms", default=None, help="comma-separated (default: every norm of models.NORMS)")
     ap.add_argument("--compile", default=",".join(COMPILE_MODES), help="eager, compiled or both")
     ap.add_argument("--step-kinds", default=",".join(STEP_KINDS), help="train, sample or both")
     ap.add_argument("--preset", default=None, help="models preset (default seed; small with --smoke)")
@@ -280,7 +273,8 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
         paths = report.write_section(out_dir, env, "models", section)
         print(f"models: skipped: {why}\nwrote {paths['json']}")
         return section
-    names, norms = choices(args.models, MODEL_NAMES), choices(args.norms, NORMS)
+    from models import NORMS
+    names, norms = choices(args.models, MODEL_NAMES), choices(args.norms or ",".join(NORMS), NORMS)
     modes, kinds = choices(args.compile, COMPILE_MODES), choices(args.step_kinds, STEP_KINDS)
     # Eager configs first: they are cheap, and a compile can eat most of a short budget. The norms
     # are innermost so that a budget cut leaves whole layernorm/dyt pairs.

@@ -39,6 +39,12 @@ class TimerConfig:
     cpu_reps: int = 7
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU, where every op is done when it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def clear_grads(tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         t.grad = None

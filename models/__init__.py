@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .checks import check_choice, check_heads, check_int
 from .flux import FLUX_PRESETS, Flux
-from .layers import NORMS, check_choice
+from .layers import NORMS
 from .pixart import PIXART_PRESETS, PixArtAlpha
-from .text import TextEncoder, TextEncoding, TinyTextEncoder, Tokenizer
+from .text import DIGIT_WORDS, TextEncoder, TextEncoding, TinyTextEncoder, Tokenizer
 
 MODELS = {"pixart": (PixArtAlpha, PIXART_PRESETS), "flux": (Flux, FLUX_PRESETS)}
 PRESETS = {name: presets for name, (_, presets) in MODELS.items()}
@@ -48,6 +49,7 @@ def build_model(name: str, preset: str = "seed", norm: str = "dyt", in_channels:
     text_config = {TEXT_KEYS[k]: config.pop(k) for k in TEXT_KEYS}
     text_encoder = config.pop("text_encoder", None)
     if text_encoder is None:
+        _check_text_keys(text_config)
         text_encoder = TinyTextEncoder(norm=norm, **text_config)
     elif not isinstance(text_encoder, TextEncoder):
         raise TypeError(f"text_encoder must implement TextEncoder (token_dim, pooled_dim, __call__(prompts)), "
@@ -58,10 +60,17 @@ def build_model(name: str, preset: str = "seed", norm: str = "dyt", in_channels:
     return cls(text_encoder, in_channels=in_channels, image_size=image_size, norm=norm, **config)
 
 
+def _check_text_keys(text_config: dict) -> None:
+    """The text_* keys checked under the names build_model takes them by."""
+    check_heads(text_config["dim"], text_config["num_heads"], ("text_dim", "text_heads"))
+    check_int("text_depth", text_config["depth"], minimum=0)
+    check_int("text_len", text_config["max_length"], minimum=2)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared ones counted once), optionally only those with requires_grad."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["build_model", "count_parameters", "PRESETS", "PIXART_PRESETS", "FLUX_PRESETS", "PixArtAlpha", "Flux",
-           "TextEncoder", "TextEncoding", "TinyTextEncoder", "Tokenizer"]
+__all__ = ["build_model", "count_parameters", "MODELS", "NORMS", "PRESETS", "PIXART_PRESETS", "FLUX_PRESETS",
+           "PixArtAlpha", "Flux", "TextEncoder", "TextEncoding", "TinyTextEncoder", "Tokenizer", "DIGIT_WORDS"]

@@ -13,8 +13,8 @@ on pixels instead of from 2x2-packed VAE latents.
 QK-norm under DyT: weight * tanh(alpha * q) per head, starting at alpha0 = qk_alpha_init and weight0 =
 qk_weight_init (0.5 and 1 in both presets, the paper's DyT). The projections hand it q and k with an RMS of
 0.03-0.17 at initialization, so at those values the attention logits start with a standard deviation of
-~0.006 where RMSNorm starts them at ~1; train_mnist's small recipe starts the DyT at RMSNorm's output
-scale instead (alpha0 4, weight0 2).
+~0.006 where RMSNorm starts them at ~1; a training recipe can start the DyT at RMSNorm's output scale
+instead (alpha0 4, weight0 2: README "How the small recipe was tuned").
 
 Fusion: in a double block the attention's gated residual is added inside norm2's call; every block
 hands its last gated residual on as pending (see layers.py), so it is added inside the next block's
@@ -23,19 +23,17 @@ concatenated.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dyt_kernels import DyT
-from dyt_kernels._checks import check_finite
-
+from .checks import (check_choice, check_finite, check_forward_args, check_heads, check_image_config, check_int,
+                     check_positive)
 from .layers import (NORMS, QK_NORMS, Mlp, MLPEmbedder, Pending, QKNorm, SelfAttention, add_pending, apply_rope,
-                     attention, check_choice, check_forward_args, check_image_config, default_rope_axes,
-                     image_position_ids, modulate_pending, modulated_norm, patchify, rope_angles, split_heads,
-                     timestep_embedding, unpatchify)
+                     attention, default_rope_axes, image_position_ids, modulate_pending, modulated_norm, patchify,
+                     rope_angles, split_heads, timestep_embedding, unpatchify)
 from .text import TextEncoder, TextEncoding
 
 # One dict per preset; build_model(..., **overrides) changes any key. text_* configure TinyTextEncoder.
@@ -54,48 +52,65 @@ FLUX_PRESETS = {
 QK_NORM_FOR = {"dyt": "dyt", "layernorm": "rmsnorm"}
 
 
+class BlockModulation(NamedTuple):
+    """A double-stream block's adaLN chunks, each (B, 1, D): one (shift, scale, gate) per sub-layer."""
+    shift_msa: Tensor
+    scale_msa: Tensor
+    gate_msa: Tensor
+    shift_mlp: Tensor
+    scale_mlp: Tensor
+    gate_mlp: Tensor
+
+
+class SingleModulation(NamedTuple):
+    """A single-stream block's adaLN chunks, each (B, 1, D): its attention and MLP run in parallel."""
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+
 class Modulation(nn.Module):
-    """SiLU + Linear from vec to n sets of (shift, scale, gate), each (B, 1, D)."""
+    """SiLU + Linear from vec to the named chunks of ``chunks`` (BlockModulation or SingleModulation)."""
 
-    def __init__(self, dim: int, sets: int) -> None:
+    def __init__(self, dim: int, chunks: type[BlockModulation] | type[SingleModulation]) -> None:
         super().__init__()
-        self.sets = sets
-        self.lin = nn.Linear(dim, 3 * sets * dim)
+        self.chunks = chunks
+        self.lin = nn.Linear(dim, len(chunks._fields) * dim)
 
-    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
-        return self.lin(F.silu(vec))[:, None, :].chunk(3 * self.sets, dim=-1)
+    def forward(self, vec: Tensor):
+        return self.chunks(*self.lin(F.silu(vec))[:, None, :].chunk(len(self.chunks._fields), dim=-1))
 
 
 class StreamLayers(nn.Module):
     """One stream's weights in a double-stream block (FLUX's img_* or txt_* modules)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, qk_norm: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, qk_norm: str,
+                 qk_alpha_init: float, qk_weight_init: float) -> None:
         super().__init__()
-        self.mod = Modulation(dim, 2)
+        self.mod = Modulation(dim, BlockModulation)
         self.norm1 = modulated_norm(dim, norm)
-        self.attn = SelfAttention(dim, num_heads, qk_norm)
+        self.attn = SelfAttention(dim, num_heads, qk_norm, qk_alpha_init, qk_weight_init)
         self.norm2 = modulated_norm(dim, norm)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def before_attention(self, x: Tensor, vec: Tensor, pending: Pending):
-        """(x, mods, (q, k, v)) with the pending residual settled into x."""
-        mods = self.mod(vec)
-        shift1, scale1 = mods[0], mods[1]
-        h, x = modulate_pending(self.norm1, x, pending, shift1, scale1)
-        return x, mods, self.attn.heads(h)
+        """(x, mod, (q, k, v)) with the pending residual settled into x."""
+        mod = self.mod(vec)
+        h, x = modulate_pending(self.norm1, x, pending, mod.shift_msa, mod.scale_msa)
+        return x, mod, self.attn.heads(h)
 
-    def after_attention(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...]):
-        """(x + gate1 * proj(attn), pending MLP residual)."""
-        _, _, gate1, shift2, scale2, gate2 = mods
-        h, x = self.norm2(self.attn.proj(attn), shift2, scale2, residual=x, gate=gate1)
-        return x, (self.mlp(h), gate2)
+    def after_attention(self, x: Tensor, attn: Tensor, mod: BlockModulation):
+        """(x + gate_msa * proj(attn), pending MLP residual)."""
+        h, x = self.norm2(self.attn.proj(attn), mod.shift_mlp, mod.scale_mlp, residual=x, gate=mod.gate_msa)
+        return x, (self.mlp(h), mod.gate_mlp)
 
 
 class DoubleStreamBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, qk_norm: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, qk_norm: str,
+                 qk_alpha_init: float, qk_weight_init: float) -> None:
         super().__init__()
-        self.img = StreamLayers(dim, num_heads, mlp_ratio, norm, qk_norm)
-        self.txt = StreamLayers(dim, num_heads, mlp_ratio, norm, qk_norm)
+        self.img = StreamLayers(dim, num_heads, mlp_ratio, norm, qk_norm, qk_alpha_init, qk_weight_init)
+        self.txt = StreamLayers(dim, num_heads, mlp_ratio, norm, qk_norm, qk_alpha_init, qk_weight_init)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, angles: Tensor, mask: Tensor,
                 pending: tuple[Pending, Pending]):
@@ -114,24 +129,25 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP on cat(txt, img): linear1 -> (qkv | mlp), linear2 over both."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, qk_norm: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, qk_norm: str,
+                 qk_alpha_init: float, qk_weight_init: float) -> None:
         super().__init__()
         self.num_heads, self.mlp_hidden = num_heads, int(dim * mlp_ratio)
-        self.modulation = Modulation(dim, 1)
+        self.modulation = Modulation(dim, SingleModulation)
         self.pre_norm = modulated_norm(dim, norm)
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
-        self.norm = QKNorm(dim // num_heads, qk_norm)
+        self.norm = QKNorm(dim // num_heads, qk_norm, qk_alpha_init, qk_weight_init)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
 
     def forward(self, x: Tensor, vec: Tensor, angles: Tensor, mask: Tensor, pending: Pending):
         """Returns (x, pending gated residual)."""
-        shift, scale, gate = self.modulation(vec)
-        h, x = modulate_pending(self.pre_norm, x, pending, shift, scale)
+        mod = self.modulation(vec)
+        h, x = modulate_pending(self.pre_norm, x, pending, mod.shift, mod.scale)
         qkv, mlp = self.linear1(h).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         out = attention(apply_rope(q, angles), apply_rope(k, angles), v, mask)
-        return x, (self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1)), gate)
+        return x, (self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1)), mod.gate)
 
 
 class LastLayer(nn.Module):
@@ -142,7 +158,7 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, vec: Tensor, pending: Pending) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # no gate: nothing follows
         h, _ = modulate_pending(self.norm_final, x, pending, shift, scale)
         return self.linear(h)
 
@@ -173,14 +189,23 @@ class Flux(nn.Module):
         check_choice("norm", norm, NORMS)
         qk_norm = QK_NORM_FOR[norm] if qk_norm is None else check_choice("qk_norm", qk_norm, QK_NORMS)
         check_image_config(in_channels, image_size, patch_size)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-        qk_alpha_init, qk_weight_init = check_finite("qk_alpha_init", qk_alpha_init), check_finite(
-            "qk_weight_init", qk_weight_init)
+        check_heads(hidden_size, num_heads)
+        check_int("depth_double", depth_double, minimum=0)
+        check_int("depth_single", depth_single, minimum=0)
+        if depth_double + depth_single < 1:
+            raise ValueError(f"FLUX needs at least one block: depth_double={depth_double}, depth_single={depth_single}")
+        check_positive("mlp_ratio", mlp_ratio)
+        check_positive("rope_theta", rope_theta)
+        # Where the QK-norm is DyT, where it starts: weight * tanh(alpha * q) with alpha0 = qk_alpha_init and
+        # weight0 = qk_weight_init (README "How the small recipe was tuned"). An RMSNorm has neither knob.
+        self.qk_alpha_init = check_finite("qk_alpha_init", qk_alpha_init)
+        self.qk_weight_init = check_finite("qk_weight_init", qk_weight_init)
         head_dim = hidden_size // num_heads
-        rope_axes = default_rope_axes(head_dim) if rope_axes is None else list(rope_axes)
-        if len(rope_axes) != 3 or sum(rope_axes) != head_dim or any(d < 0 or d % 2 for d in rope_axes):
-            raise ValueError(f"rope_axes must be 3 even sizes summing to head_dim={head_dim}, got {rope_axes}")
+        rope_axes = default_rope_axes(head_dim) if rope_axes is None else rope_axes
+        if (not isinstance(rope_axes, (list, tuple)) or len(rope_axes) != 3 or sum(rope_axes) != head_dim
+                or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 or d % 2 for d in rope_axes)):
+            raise ValueError(f"rope_axes must be 3 even sizes summing to head_dim={head_dim}, got {rope_axes!r}")
+        rope_axes = list(rope_axes)
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
         self.norm, self.qk_norm = norm, qk_norm
         self.rope_axes, self.rope_theta = rope_axes, rope_theta
@@ -190,23 +215,13 @@ class Flux(nn.Module):
         self.time_in = MLPEmbedder(256, hidden_size)
         self.vector_in = MLPEmbedder(text_encoder.pooled_dim, hidden_size)
         self.txt_in = nn.Linear(text_encoder.token_dim, hidden_size)
-        block_args = (hidden_size, num_heads, mlp_ratio, norm, qk_norm)
+        block_args = (hidden_size, num_heads, mlp_ratio, norm, qk_norm, self.qk_alpha_init, self.qk_weight_init)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(*block_args) for _ in range(depth_double))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(*block_args) for _ in range(depth_single))
         self.final_layer = LastLayer(hidden_size, patch_size ** 2 * in_channels, norm)
         # Trained from scratch here: start from a zero prediction, as DiT and PixArt do.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-        # Where the QK-norm is DyT, where it starts: weight * tanh(alpha * q) with alpha0 = qk_alpha_init and
-        # weight0 = qk_weight_init (README "How the small recipe was tuned"). An RMSNorm has neither knob.
-        self.qk_alpha_init, self.qk_weight_init = qk_alpha_init, qk_weight_init
-        with torch.no_grad():
-            qk_dyts = [m for block in self.modules() if isinstance(block, QKNorm) for m in block.children()
-                       if isinstance(m, DyT)]
-            for qk in qk_dyts:
-                qk.alpha_init_value = self.qk_alpha_init
-                qk.alpha.fill_(self.qk_alpha_init)
-                qk.weight.fill_(self.qk_weight_init)
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextEncoding:
         """The conditioning for forward, differentiable into the text encoder."""

@@ -16,9 +16,12 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from dyt_kernels import DyT, ModulatedDyT, layernorm_modulate
+
+from .checks import check_choice
 
 NORMS = ("dyt", "layernorm")
 QK_NORMS = ("dyt", "rmsnorm")
@@ -26,12 +29,6 @@ QK_NORMS = ("dyt", "rmsnorm")
 NORM_EPS = 1e-6
 
 Pending = Optional[Tuple[Tensor, Optional[Tensor]]]
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- norms
@@ -64,10 +61,13 @@ def plain_norm(dim: int, norm: str) -> nn.Module:
     return DyT(dim) if norm == "dyt" else nn.LayerNorm(dim)
 
 
-def qk_norm_layer(head_dim: int, qk_norm: str) -> nn.Module:
-    # FLUX's RMSNorm has a learnable scale and no bias; its DyT stand-in keeps that parameter set.
+def qk_norm_layer(head_dim: int, qk_norm: str, alpha_init: float = 0.5, weight_init: float = 1.0) -> nn.Module:
+    """FLUX's per-head QK-norm: an RMSNorm (learnable scale, no bias), or its DyT stand-in with the same
+    parameter set, starting at weight_init * tanh(alpha_init * q). An RMSNorm has neither start."""
     check_choice("qk_norm", qk_norm, QK_NORMS)
-    return DyT(head_dim, bias=False) if qk_norm == "dyt" else nn.RMSNorm(head_dim, eps=NORM_EPS)
+    if qk_norm == "dyt":
+        return DyT(head_dim, bias=False, alpha_init_value=alpha_init, weight_init_value=weight_init)
+    return nn.RMSNorm(head_dim, eps=NORM_EPS)
 
 
 def modulate_pending(norm: nn.Module, x: Tensor, pending: Pending, shift: Tensor, scale: Tensor):
@@ -90,9 +90,8 @@ def add_pending(x: Tensor, pending: Pending) -> Tensor:
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, L, 3*D) -> q, k, v, each (B, H, L, D/H)."""
-    B, L, _ = qkv.shape
-    return qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    """(B, L, 3*D) -> q, k, v, each (B, H, L, D/H) (views of qkv)."""
+    return rearrange(qkv, "b l (qkv h d) -> qkv b h l d", qkv=3, h=num_heads).unbind(0)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -103,19 +102,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
+    return rearrange(out, "b h l d -> b l (h d)")
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention (qkv with bias, optional per-head QK-norm, output projection)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: str | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int, qk_norm: str | None = None, qk_alpha_init: float = 0.5,
+                 qk_weight_init: float = 1.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.norm = None if qk_norm is None else QKNorm(dim // num_heads, qk_norm)
+        self.norm = None if qk_norm is None else QKNorm(dim // num_heads, qk_norm, qk_alpha_init, qk_weight_init)
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,10 +132,10 @@ class SelfAttention(nn.Module):
 class QKNorm(nn.Module):
     """FLUX's per-head query/key normalization (RMSNorm, or DyT under the switch)."""
 
-    def __init__(self, head_dim: int, qk_norm: str) -> None:
+    def __init__(self, head_dim: int, qk_norm: str, alpha_init: float = 0.5, weight_init: float = 1.0) -> None:
         super().__init__()
-        self.query_norm = qk_norm_layer(head_dim, qk_norm)
-        self.key_norm = qk_norm_layer(head_dim, qk_norm)
+        self.query_norm = qk_norm_layer(head_dim, qk_norm, alpha_init, weight_init)
+        self.key_norm = qk_norm_layer(head_dim, qk_norm, alpha_init, weight_init)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
@@ -154,10 +154,9 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        B, L, D = x.shape
-        q = self.q_linear(x).view(B, L, self.num_heads, -1).transpose(1, 2)
-        kv = self.kv_linear(context).view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        return self.proj(attention(q, kv[0], kv[1], context_mask))
+        q = rearrange(self.q_linear(x), "b l (h d) -> b h l d", h=self.num_heads)
+        k, v = rearrange(self.kv_linear(context), "b l (kv h d) -> kv b h l d", kv=2, h=self.num_heads).unbind(0)
+        return self.proj(attention(q, k, v, context_mask))
 
 
 class Mlp(nn.Module):
@@ -215,19 +214,13 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:
     """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), tokens row-major over the patch grid."""
-    B, C, H, W = x.shape
-    p = patch_size
-    x = x.reshape(B, C, H // p, p, W // p, p)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch_size, p2=patch_size)
 
 
 def unpatchify(x: Tensor, patch_size: int, height: int, width: int) -> Tensor:
     """The inverse of patchify: (B, L, C*p*p) -> (B, C, H, W)."""
-    B, _, _ = x.shape
-    p = patch_size
-    h, w = height // p, width // p
-    x = x.reshape(B, h, w, -1, p, p)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, -1, height, width)
+    return rearrange(x, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=height // patch_size, w=width // patch_size,
+                     p1=patch_size, p2=patch_size)
 
 
 def default_rope_axes(head_dim: int) -> list[int]:
@@ -263,35 +256,3 @@ def image_position_ids(grid_h: int, grid_w: int, device=None) -> Tensor:
     rows, cols = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
                                 indexing="ij")
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
-
-
-# ----------------------------------------------------------------------------- input checks
-
-
-def check_image_config(in_channels: int, image_size: int, patch_size: int) -> None:
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if not isinstance(image_size, int) or image_size < 1 or image_size % patch_size:
-        raise ValueError(f"image_size must be a positive int divisible by patch_size={patch_size}, "
-                         f"got {image_size!r}")
-
-
-def check_forward_args(x: Tensor, t: Tensor, cond, in_channels: int, patch_size: int,
-                       image_size: int | None) -> None:
-    """Errors name the argument and the expected shape (static shapes: free under torch.compile)."""
-    if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"x must be (B, {in_channels}, H, W), got {tuple(x.shape)}")
-    H, W = x.shape[-2:]
-    if image_size is not None and (H, W) != (image_size, image_size):
-        raise ValueError(f"x must be (B, {in_channels}, {image_size}, {image_size}), got {tuple(x.shape)}")
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"x's height and width must be divisible by patch_size={patch_size}, got {tuple(x.shape)}")
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"t must be ({x.shape[0]},), one timestep per image, got {tuple(t.shape)}")
-    B, T = cond.mask.shape
-    if B != x.shape[0] or cond.tokens.shape[:2] != (B, T) or cond.pooled.shape[0] != B:
-        raise ValueError(f"cond must hold tokens ({x.shape[0]}, T, D_txt), mask ({x.shape[0]}, T) and pooled "
-                         f"({x.shape[0]}, D_pool), got {tuple(cond.tokens.shape)}, {tuple(cond.mask.shape)}, "
-                         f"{tuple(cond.pooled.shape)}")

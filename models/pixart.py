@@ -15,11 +15,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import (NORMS, CrossAttention, Mlp, MLPEmbedder, Pending, SelfAttention, check_choice,
-                     check_forward_args, check_image_config, modulate_pending, modulated_norm, patchify,
-                     sincos_2d, timestep_embedding, unpatchify)
+from .checks import (check_bool, check_choice, check_forward_args, check_heads, check_image_config, check_int,
+                     check_positive)
+from .layers import (NORMS, CrossAttention, Mlp, MLPEmbedder, Pending, SelfAttention, modulate_pending, modulated_norm,
+                     patchify, sincos_2d, timestep_embedding, unpatchify)
 from .text import TextEncoder, TextEncoding
 
 # One dict per preset; build_model(..., **overrides) changes any key. text_* configure TinyTextEncoder.
@@ -45,8 +47,7 @@ class PixArtBlock(nn.Module):
 
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor, t6: Tensor, pending: Pending):
         """t6: the shared t_block output (B, 6D). Returns (x, pending MLP residual)."""
-        B, _, D = x.shape
-        mods = (self.scale_shift_table[None] + t6.view(B, 6, D)).chunk(6, dim=1)
+        mods = (self.scale_shift_table[None] + rearrange(t6, "b (six d) -> b six d", six=6)).chunk(6, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         h, x = modulate_pending(self.norm1, x, pending, shift_msa, scale_msa)
         x = x + gate_msa * self.attn(h)
@@ -91,8 +92,10 @@ class PixArtAlpha(nn.Module):
         super().__init__()
         check_choice("norm", norm, NORMS)
         check_image_config(in_channels, image_size, patch_size)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        check_heads(hidden_size, num_heads)
+        check_int("depth", depth)
+        check_positive("mlp_ratio", mlp_ratio)
+        check_bool("learn_sigma", learn_sigma)
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.norm = norm

@@ -14,14 +14,17 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .checks import check_heads, check_int
 from .layers import Mlp, SelfAttention, plain_norm
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-NUMERALS = [str(d) for d in range(10)]
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+NUMERALS = tuple(str(d) for d in range(10))
+# The project's one spelling of the digits as words: the vocabulary here, the training prompts and the
+# benchmarks' prompts all use it.
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # A few filler words so prompts like "a handwritten seven" do not collapse to <unk>.
-FILLER = ["a", "an", "the", "digit", "number", "handwritten", "of", "image"]
-DEFAULT_VOCAB = (PAD, EOS, UNK, *NUMERALS, *WORDS, *FILLER)
+FILLER = ("a", "an", "the", "digit", "number", "handwritten", "of", "image")
+DEFAULT_VOCAB = (PAD, EOS, UNK, *NUMERALS, *DIGIT_WORDS, *FILLER)
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Tokenizer:
             raise ValueError(f"vocab must start with {PAD!r}, {EOS!r}, {UNK!r}, got {list(vocab[:3])}")
         if len(set(vocab)) != len(vocab):
             raise ValueError("vocab entries must be unique")
-        if max_length < 2:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be at least 2 (one word and the end token), got {max_length}")
         self.vocab = tuple(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
@@ -126,6 +129,8 @@ class TinyTextEncoder(nn.Module):
     def __init__(self, dim: int = 256, depth: int = 2, num_heads: int = 4, max_length: int = 8,
                  norm: str = "dyt", vocab: Sequence[str] = DEFAULT_VOCAB) -> None:
         super().__init__()
+        check_heads(dim, num_heads, ("dim", "num_heads"))
+        check_int("depth", depth, minimum=0)
         self.tokenizer = Tokenizer(vocab, max_length)
         self.token_dim = self.pooled_dim = dim
         self.token_embedding = nn.Embedding(len(self.tokenizer.vocab), dim)

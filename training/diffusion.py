@@ -116,9 +116,8 @@ class DDPM:
     """
 
     time_kind = "index"
-
+    SAMPLERS = ("ddim", "ddpm")  # the first is the default
     LOSS_WEIGHTINGS = ("simple", "min_snr", "trunc_snr")
-
     PREDICTIONS = ("eps", "v")
 
     def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -238,8 +237,8 @@ class DDPM:
     def sample(self, denoiser: Denoiser, shape, steps: int = 50, sampler: str = "ddim",
                generator: torch.Generator | None = None, device=None, clip_x0: bool = True) -> Tensor:
         """Images in [-1, 1] from Gaussian noise; ``denoiser(x, t)`` is e.g. ``make_denoiser(...)``."""
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"DDPM sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"DDPM sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         x = _randn(shape, generator, device)
         ts = self.timesteps(steps)
         C = shape[1]
@@ -306,6 +305,7 @@ class RectifiedFlow:
     """
 
     time_kind = "noise_level"
+    SAMPLERS = ("euler",)
 
     def __init__(self, image_seq_len: int, logit_mean: float = 0.0, logit_std: float = 1.0, shift: bool = True):
         self.image_seq_len = int(image_seq_len)
@@ -328,25 +328,11 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, shape, steps: int = 50, sampler: str = "euler",
                generator: torch.Generator | None = None, device=None) -> Tensor:
-        if sampler != "euler":
-            raise ValueError(f"rectified-flow sampler must be 'euler', got {sampler!r}")
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"rectified-flow sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         x = _randn(shape, generator, device)
         ts = flux_schedule(steps, self.image_seq_len, self.shift).tolist()
         for t_cur, t_next in zip(ts[:-1], ts[1:]):
             v = denoiser(x, torch.full((shape[0],), t_cur, device=x.device)).float()
             x = x + (t_next - t_cur) * v
         return x.clamp(-1, 1)
-
-
-def make_diffusion(kind: str, image_seq_len: int = 16, loss_weighting: str = "simple",
-                   snr_gamma: float = 5.0, prediction: str = "eps") -> DDPM | RectifiedFlow:
-    """The process a model trains with: "ddpm" (PixArt-alpha) or "rectified_flow" (FLUX)."""
-    if kind == "ddpm":
-        return DDPM(loss_weighting=loss_weighting, snr_gamma=snr_gamma, prediction=prediction)
-    if kind == "rectified_flow":
-        return RectifiedFlow(image_seq_len)
-    raise ValueError(f"diffusion kind must be 'ddpm' or 'rectified_flow', got {kind!r}")
-
-
-def default_sampler(diffusion) -> str:
-    return "ddim" if isinstance(diffusion, DDPM) else "euler"

@@ -1,4 +1,4 @@
-"""Training data for train_mnist.py: MNIST (with an offline fallback), image folders, and prompts.
+"""Training data: MNIST (with an offline fallback) or a folder of labelled images, and the batch order.
 
 Every dataset is held in memory as uint8 (N, C, S, S) with int64 labels: MNIST at 32x32 is 61 MB,
 small enough that a DataLoader and its workers would only add process overhead on a 2-core CPU.
@@ -18,8 +18,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from .errors import UsageError
+
+
+class DataError(UsageError):
+    """A data folder or labels file that cannot be used, named in the message."""
 
 
 @dataclass
@@ -130,48 +133,69 @@ def _find_labels_file(folder: str) -> str:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"no labels file in {folder!r}: expected labels.txt, labels.csv or labels.tsv "
-                            f"with one 'filename,label' (or 'filename label') line per image, or pass --labels-file")
+    raise DataError(f"no labels file in {folder!r}: expected labels.txt, labels.csv or labels.tsv with one "
+                    f"'filename,label' (or 'filename label') line per image, or name one as labels_file")
 
 
 def _parse_label_line(line: str, path: str, lineno: int) -> tuple[str, str]:
     parts = [p.strip() for p in (line.split(",", 1) if "," in line else line.split(None, 1))]
     if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise ValueError(f"{path}:{lineno}: expected 'filename,label', got {line!r}")
+        raise DataError(f"{path}:{lineno}: expected 'filename,label', got {line!r}")
     return parts[0], parts[1]
+
+
+def read_labels_file(labels_file: str) -> list[tuple[str, str]]:
+    """(filename, label) per line; '#' lines, blank lines and a ``filename,label`` header are skipped."""
+    if not os.path.isfile(labels_file):
+        raise DataError(f"labels file {labels_file!r} does not exist (or is not a file)")
+    entries = []
+    try:
+        with open(labels_file, encoding="utf-8") as f:
+            lines = list(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"labels file {labels_file!r} is not readable text: {e}") from e
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, label = _parse_label_line(line, labels_file, lineno)
+        if lineno == 1 and (name.lower(), label.lower()) in {("filename", "label"), ("file", "label")}:
+            continue
+        entries.append((name, label))
+    if not entries:
+        raise DataError(f"labels file {labels_file!r} lists no images")
+    return entries
+
+
+def _open_images(folder: str, labels_file: str, names: list[str]) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for name in names:
+        path = name if os.path.isabs(name) else os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{labels_file} lists {name!r}, but {path!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGBA" if im.mode in ("P", "PA") else im.mode).copy())
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{labels_file} lists {name!r}, but {path!r} is not a readable image: {e}") from e
+    return images
 
 
 def load_image_folder(folder: str, labels_file: str | None = None, image_size: int = 32,
                       channels: int | None = None) -> ImageSet:
-    """Images listed in a labels file (``filename,label`` per line; '#' lines and a
-    ``filename,label`` header are skipped), resized to image_size x image_size.
+    """Images listed in a labels file (see ``read_labels_file``), resized to image_size x image_size.
 
     Labels are text ("cat", "7"); class_names are their sorted unique values. channels is 1 or 3;
     None takes 1 when every image is greyscale (R = G = B), else 3: 1- and 3-channel data both train.
     """
+    import numpy as np
     from PIL import Image
 
     labels_file = labels_file or _find_labels_file(folder)
-    entries = []
-    with open(labels_file) as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, label = _parse_label_line(line, labels_file, lineno)
-            if lineno == 1 and (name.lower(), label.lower()) in {("filename", "label"), ("file", "label")}:
-                continue
-            entries.append((name, label))
-    if not entries:
-        raise ValueError(f"labels file {labels_file!r} lists no images")
-    pil = []
-    for name, _ in entries:
-        path = name if os.path.isabs(name) else os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{labels_file} lists {name!r}, but {path!r} does not exist")
-        with Image.open(path) as im:
-            pil.append(im.convert("RGBA" if im.mode in ("P", "PA") else im.mode).copy())
-    import numpy as np
+    entries = read_labels_file(labels_file)
+    pil = _open_images(folder, labels_file, [name for name, _ in entries])
     rgb = np.stack([np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BICUBIC)) for im in pil])
     if channels is None:
         # Greyscale saved as RGB (R = G = B everywhere) is still greyscale.
@@ -191,49 +215,22 @@ def load_image_folder(folder: str, labels_file: str | None = None, image_size: i
 
 def load_dataset(data: str, data_dir: str, image_size: int = 32, labels_file: str | None = None,
                  channels: int | None = None, heldout_fraction: float = 0.1) -> tuple[ImageSet, ImageSet]:
-    """(train, held-out) for ``data`` = "mnist" or a folder of images with a labels file."""
+    """(train, held-out) for ``data`` = "mnist" or a folder of images with a labels file.
+
+    A folder needs at least two images of each label: one is held out (10% of the rarest label's count).
+    """
     if data == "mnist":
         return load_mnist(data_dir, image_size)
     if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data must be 'mnist' or an image folder, got {data!r} (not a directory)")
+        raise DataError(f"data must be 'mnist' or an image folder, got {data!r} (not a directory)")
     ds = load_image_folder(data, labels_file, image_size, channels)
     smallest = int(torch.bincount(ds.labels).min())
     per_class = max(1, int(smallest * heldout_fraction))
+    if smallest <= per_class:
+        rare = ds.class_names[int(torch.bincount(ds.labels).argmin())]
+        raise DataError(f"label {rare!r} has {smallest} image(s) in {data!r}; every label needs at least "
+                        f"{per_class + 1} (one is held out for evaluation)")
     return split_heldout(ds, per_class=per_class, seed=0)
-
-
-def is_digit_classes(class_names: list[str]) -> bool:
-    return list(class_names) == [str(d) for d in range(len(class_names))] and len(class_names) <= 10
-
-
-def label_prompt(label: int, class_names: list[str], use_word: bool) -> str:
-    """The prompt for one label: a digit as numeral or word ("7" / "seven"), other labels as their name."""
-    if is_digit_classes(class_names):
-        return DIGIT_WORDS[label] if use_word else str(label)
-    return class_names[label]
-
-
-def make_prompts(labels: Tensor, class_names: list[str], generator: torch.Generator | None = None,
-                 drop_prob: float = 0.0) -> list[str]:
-    """Prompts for a batch of labels: numeral or word 50/50, and ``drop_prob`` of them "" (the
-    unconditional prompt that classifier-free guidance learns from).
-
-    >>> make_prompts(torch.tensor([3, 3]), [str(d) for d in range(10)], torch.Generator().manual_seed(0))
-    ['3', 'three']
-    """
-    n = labels.shape[0]
-    u = torch.rand(n, 2, generator=generator)
-    return ["" if u[i, 0] < drop_prob else label_prompt(int(labels[i]), class_names, bool(u[i, 1] < 0.5))
-            for i in range(n)]
-
-
-def parse_prompt(prompt: str, class_names: list[str]) -> int | None:
-    """The label a prompt names (numeral, word or class name), or None when it names none."""
-    p = prompt.strip().lower()
-    if is_digit_classes(class_names) and p in DIGIT_WORDS[:len(class_names)]:
-        return DIGIT_WORDS.index(p)
-    lowered = [c.lower() for c in class_names]
-    return lowered.index(p) if p in lowered else None
 
 
 class StepBatches:

@@ -1,0 +1,94 @@
+"""A training run's configuration: the parsed flags, completed by the preset's recipe, checked as a whole,
+and, for --resume, reconciled with the checkpoint's.
+
+The result is a plain dict (``cfg``) that the checkpoint stores, so a resumed or evaluated run sees
+exactly the values the original run used.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from models import PRESETS
+
+from .errors import UsageError
+from .recipes import MODELS, check_sampler, recipe_value
+from .runtime import check_compile_mode
+
+# Flags whose value shapes the training trajectory: a resumed run must use the checkpoint's.
+TRAJECTORY_KEYS = ("model", "norm", "preset", "batch_size", "lr", "warmup_steps", "weight_decay", "ema_decay",
+                   "loss_weighting", "snr_gamma", "prediction",
+                   "grad_clip", "cfg_dropout", "seed", "data", "image_size", "model_overrides", "precision")
+# Keys a checkpoint written before they existed lacks, with the value those runs used.
+LEGACY_CONFIG = {"prediction": "eps"}
+# Flags the recipe fills in when they are not given.
+RECIPE_KEYS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "sample_every", "checkpoint_every",
+               "loss_weighting", "prediction")
+
+
+def resolve_train_config(values: dict[str, Any], device: torch.device, world: int) -> dict[str, Any]:
+    """The run's full configuration as plain data: flags, with the preset's recipe filling the gaps."""
+    model = values["model"]
+    preset = values["preset"] if values["preset"] != "auto" else ("seed" if device.type == "cuda" else "small")
+    cfg = {k: v for k, v in values.items() if k not in ("config", "model_override")}
+    cfg["preset"] = preset
+    for key in RECIPE_KEYS:
+        if cfg[key] is None:
+            cfg[key] = recipe_value(preset, key, model)
+    cfg["model_overrides"] = {**recipe_value(preset, "model_overrides", model), **dict(values["model_override"] or [])}
+    cfg["precision"] = values["precision"] if values["precision"] != "auto" else (
+        "bf16" if device.type == "cuda" else "fp32")
+    cfg["sampler"] = values["sampler"] or MODELS[model].default_sampler
+    cfg["sampling_steps"] = values["sampling_steps"] or 50
+    cfg["out"] = values["out"] or os.path.join("runs", f"{model}-{values['norm']}-{preset}")
+    cfg["world_size"] = world
+    check_compile_mode(cfg["compile"], device)
+    return cfg
+
+
+def check_train_config(cfg: dict[str, Any]) -> None:
+    """What no single flag's check can see: flags that must fit each other (after --resume merged)."""
+    try:
+        check_sampler(cfg["model"], cfg["sampler"])
+    except ValueError as e:
+        raise UsageError(f"--sampler: {e}") from None
+    presets = PRESETS[cfg["model"]]
+    allowed = set(presets[cfg["preset"]]) | ({"qk_norm"} if cfg["model"] == "flux" else set())
+    unknown = sorted(set(cfg["model_overrides"]) - allowed)
+    if unknown:
+        raise UsageError(f"--model-override: unknown {cfg['model']} key(s) {unknown}; valid keys: {sorted(allowed)}")
+    patch = cfg["model_overrides"].get("patch_size", presets[cfg["preset"]]["patch_size"])
+    if isinstance(patch, int) and patch > 0 and cfg["image_size"] % patch:
+        raise UsageError(f"--image-size {cfg['image_size']} must be a multiple of the model's patch size {patch} "
+                         f"(set by the {cfg['preset']} recipe; change it with --model-override patch_size=N)")
+    if cfg["eval_samples"] and cfg["image_size"] % 4:
+        raise UsageError(f"--image-size {cfg['image_size']} must be a multiple of 4 to evaluate (the eval "
+                         f"classifier pools twice); use --eval-samples 0 to train without evaluating")
+    if cfg["batch_size"] % cfg["world_size"]:
+        raise UsageError(f"--batch-size {cfg['batch_size']} must be divisible by the {cfg['world_size']} "
+                         f"DDP processes")
+    if cfg["labels_file"] and cfg["data"] == "mnist":
+        raise UsageError("--labels-file goes with --data FOLDER; MNIST has its own labels")
+
+
+def merge_resume_config(cfg: dict, saved: dict, given: set[str], path: str) -> dict:
+    """A resumed run continues with the checkpoint's trajectory flags; contradicting one is an error."""
+    given = given | ({"model_overrides"} if "model_override" in given else set())
+    saved = {**LEGACY_CONFIG, **saved}
+    for key in TRAJECTORY_KEYS:
+        if key in given and cfg[key] != saved[key]:
+            raise UsageError(f"--resume {path}: the checkpoint was trained with {key}={saved[key]!r}, "
+                             f"but this run asks for {key}={cfg[key]!r}; drop the flag to continue exactly")
+        cfg[key] = saved[key]
+    # Defaults that follow --model were resolved for the command line's (default) model, not the
+    # checkpoint's: take them from the checkpoint unless given.
+    for key in ("steps", "sampler"):
+        if key not in given:
+            cfg[key] = saved[key]
+    if cfg["world_size"] != saved["world_size"]:
+        print(f"[resume] world size changed {saved['world_size']} -> {cfg['world_size']}: the data order "
+              f"and noise of each step change with it, so the continuation is not bit-exact", file=sys.stderr)
+    return cfg
