@@ -2,7 +2,7 @@
 
 Everything computes in fp32 (float64 when given float64, which is how the tests build the oracle)
 and returns each result in its input's dtype. The backward functions write out the VJPs of
-DESIGN.md explicitly, so the kernels and these functions implement the same formulas; gradcheck on
+docs/DESIGN.md explicitly, so the kernels and these functions implement the same formulas; gradcheck on
 `dyt`'s autograd path proves the formulas themselves.
 
     forward   t = tanh(a*x)        y = w*t + b

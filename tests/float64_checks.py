@@ -1,6 +1,6 @@
 """One dyt / dyt_modulate call checked against float64, for test_layouts.py and test_bad_inputs.py.
 
-The oracle is written here from DESIGN.md "The math" in plain float64 PyTorch, and its gradients come
+The oracle is written here from docs/DESIGN.md "The math" in plain float64 PyTorch, and its gradients come
 from float64 autograd of that forward formula: it shares no code with dyt_kernels (reference.py
 included), so a formula slip in the library cannot hide in its own oracle. test_layouts.py checks
 reference.py against it.
@@ -37,7 +37,7 @@ def sequential_sum_err(terms64: Tensor, *, total: bool = False) -> float:
     round the same way at every step and add up coherently. A row-by-row fp32 sum is the least
     accurate common order and the one the Triton interpreter's tl.sum follows (numpy reduces axis 0
     one row at a time), so twice its error joins each reduction's atol: the kernels' sums may be no
-    worse than plain sequential fp32 accumulation, which DESIGN.md prescribes.
+    worse than plain sequential fp32 accumulation, which docs/DESIGN.md prescribes.
     """
     t = terms64.detach().double().cpu()
     acc = np.zeros(t.shape[1:], dtype=np.float32)
@@ -66,7 +66,7 @@ def repro(description: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The formulas (DESIGN.md "The math"), in whatever dtype they are given.
+# The formulas (docs/DESIGN.md "The math"), in whatever dtype they are given.
 # --------------------------------------------------------------------------------------------------
 
 def _channel(p: Tensor | float, x: Tensor, channels_last: bool) -> Tensor | float:

@@ -1,6 +1,6 @@
 """Shared test utilities: the three-way tolerance check, its atol helpers, NaN-poisoned allocation.
 
-Three-way tolerance (DESIGN.md "Testing pattern", after flash-attention's norm tests): the tested
+Three-way tolerance (docs/DESIGN.md, testing, after flash-attention's norm tests): the tested
 output's max-abs error against a float64 oracle must be at most ``factor`` (2) times the error of
 plain PyTorch computing the same thing in the same dtype, plus a small atol. The naive run sets the
 scale that dtype allows (bf16 rounding, fp16 rounding, fp32 reduction noise), so one rule covers

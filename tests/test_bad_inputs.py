@@ -1,7 +1,8 @@
 """What a hostile but fair user gets from the public API on bad input: a correct result or a clear error.
 
 Each test asserts either the float64 answer (NaN exactly where float64 is NaN) or an error whose
-message names the argument. docs/bad_inputs_kernels.md lists every case with what the user gets.
+message names the argument. docs/bad_inputs.md ("Kernels and the public API") lists every case with
+what the user gets.
 The first section holds the defects issue 12 found (silently wrong results or raw errors before
 the kernels' rewrite); each of its tests failed on the code of that time.
 """

@@ -371,7 +371,7 @@ def test_fused_block_falls_back_where_it_does_not_apply():
 
 
 # --------------------------------------------------------------------------------------------------
-# torch.compile (torch backend on CPU: the interpreter's Triton path cannot be traced, DESIGN.md).
+# torch.compile (torch backend on CPU: the interpreter's Triton path cannot be traced, docs/DESIGN.md).
 # --------------------------------------------------------------------------------------------------
 
 # aot_eager traces forward and backward through dynamo and AOTAutograd (where a custom op's fake

@@ -427,7 +427,7 @@ def test_torch_backend_three_way(dtype, device):
 
 
 def test_triton_matches_torch_backend(device):
-    """Fallback parity (DESIGN.md check 3), fp32: the two backends differ only by their tanh (each
+    """Fallback parity (docs/DESIGN.md check 3), fp32: the two backends differ only by their tanh (each
     within TANH_F32_ABS_ERR of tanh) and fp32 rounding order."""
     rows, D = 10, 160
     x, alpha, w, b = make_inputs((2, 5, D), D, device, torch.float32, alpha_per_channel=True)

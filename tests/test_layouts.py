@@ -345,7 +345,7 @@ def test_layouts_materialize_as_described():
 @pytest.mark.parametrize("channels_last", [True, False], ids=["last", "first"])
 def test_reference_agrees_with_the_float64_oracle(channels_last, device):
     """reference.py (the library's float64 path and torch backend) against this file's oracle, which
-    is written from DESIGN.md independently: forward and every hand-written backward formula."""
+    is written from docs/DESIGN.md independently: forward and every hand-written backward formula."""
     gen = torch.Generator().manual_seed(1)
     shape, C = ((3, 5, 6), 6) if channels_last else ((2, 6, 3, 4), 6)
     f64 = torch.float64
