@@ -6,23 +6,29 @@
 #
 #   0. preflight   versions, nvidia-smi, CUDA check; wheels in bench/wheels/ installed offline
 #   1. tests       python -m pytest -q tests, on CUDA (TRITON_INTERPRET unset: compiled kernels)
-#   2. inspect     python -m dyt_kernels.inspect, when that module exists
-#   3. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
-#                  (bf16 first; torch.compile's builds of the compiled baselines take much of it)
-#   4. liger       the same for LigerDyT alone, merged into the table: its autotuner compiles and
+#   2. inspect     python -m dyt_kernels.inspect --json: the static report (registers, round trips,
+#                  the model's estimates) as this machine's Triton compiles the kernels
+#   3. host        python -m bench host: host time per call with real launches
+#   4. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
+#                  (bf16 first; torch.compile's builds of the compiled baselines take much of it); our
+#                  rows carry the static model's prediction (bench/predictions.json) beside the measurement
+#   5. liger       the same for LigerDyT alone, merged into the table: its autotuner compiles and
 #                  times 18 configs per hidden size, dtype and pass, so it gets its own budget
-#   5. models      python -m bench models (eager configs first, then compiled layernorm/dyt pairs)
+#   6. models      python -m bench models --step-kinds train: eager, compiled (inductor fuses DyT's
+#                  forward, our backward kernel), compiled-kernel (our kernels both ways),
+#                  reduce-overhead (CUDA graphs); LayerNorm beside each
 #
 # A stage that fails or times out is recorded and the next one runs. The benchmarks get a budget a
 # little under their timeout so they stop cleanly; a SIGTERM from `timeout` still makes them write
 # what they measured. Everything lands in $OUT when set (else bench/results/), at most 8 files:
-# gpu_check.log, gpu_check.summary, and <device>-<date>.{json,md,png} + <device>-<date>-speedup.png.
+# gpu_check.log, gpu_check.summary, inspect.json and <device>-<date>.{json,md,png} + -speedup.png.
 #
 # Without CUDA (a dry run on a developer machine) the tests stage is skipped (CI runs the suite on
 # CPU) and the benchmarks run with --smoke on CPU, so the whole script can be checked anywhere.
 #
-# Knobs (environment): PYTHON, DEADLINE_S (390), TESTS_S (110), INSPECT_S (20), KERNELS_S (110),
-# LIGER_S (45), MODELS_S (90), BENCH_GIT_COMMIT (recorded in the results when the copied tree has no .git).
+# Knobs (environment): PYTHON, DEADLINE_S (390), TESTS_S (110), INSPECT_S (40), HOST_S (20),
+# KERNELS_S (110), LIGER_S (45), MODELS_S (90), BENCH_GIT_COMMIT (recorded in the results when the
+# copied tree has no .git).
 # Idempotent: rerunning overwrites the log and replaces the results' sections for the same day.
 set -u
 cd "$(dirname "$0")/.."
@@ -30,7 +36,8 @@ cd "$(dirname "$0")/.."
 START=$SECONDS
 DEADLINE_S=${DEADLINE_S:-390}   # 7 minutes is 420 s: room for `timeout -k 15` and copying back
 TESTS_S=${TESTS_S:-110}
-INSPECT_S=${INSPECT_S:-20}
+INSPECT_S=${INSPECT_S:-40}
+HOST_S=${HOST_S:-20}
 KERNELS_S=${KERNELS_S:-110}
 LIGER_S=${LIGER_S:-45}
 MODELS_S=${MODELS_S:-90}
@@ -136,15 +143,12 @@ else
   log "== tests: skipped, no CUDA (CI runs the suite on CPU)"; record tests "skipped (no CUDA)" 0
 fi
 
-# ----- 2. inspect -----------------------------------------------------------------------------------
-if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('dyt_kernels.inspect') else 1)" \
-    >/dev/null 2>&1; then
-  stage inspect "$INSPECT_S" "$PY" -m dyt_kernels.inspect
-else
-  log "== inspect: dyt_kernels.inspect does not exist yet"; record inspect "skipped (no module)" 0
-fi
+# ----- 2. inspect, 3. host --------------------------------------------------------------------------
+GPU_MODEL=$("$PY" -c "import torch; print('H200' if torch.cuda.is_available() and 'H200' in torch.cuda.get_device_name(0) else 'H100')" 2>/dev/null || echo H100)
+stage inspect "$INSPECT_S" "$PY" -m dyt_kernels.inspect --gpu "$GPU_MODEL" --json "$DEST/inspect.json"
+stage host "$HOST_S" "$PY" -m bench host --out "$DEST" --rounds 10
 
-# ----- 3. kernel benchmarks, 4. Liger ---------------------------------------------------------------
+# ----- 4. kernel benchmarks, 5. Liger ---------------------------------------------------------------
 plan "$KERNELS_S"
 stage kernels "$KERNELS_S" "$PY" -m bench kernels --shapes all --dtypes bf16,fp32 --out "$DEST" \
   --skip-providers liger_dyt --budget-s "$(budget_for 30)" ${SMOKE[@]+"${SMOKE[@]}"}
@@ -152,9 +156,10 @@ plan "$LIGER_S"
 stage liger "$LIGER_S" "$PY" -m bench kernels --shapes all --dtypes bf16,fp32 --out "$DEST" \
   --providers liger_dyt --merge --budget-s "$(budget_for 20)" ${SMOKE[@]+"${SMOKE[@]}"}
 
-# ----- 5. model benchmarks ---------------------------------------------------------------------------
+# ----- 6. model benchmarks ---------------------------------------------------------------------------
 plan "$MODELS_S"
-stage models "$MODELS_S" "$PY" -m bench models --out "$DEST" --budget-s "$(budget_for 25)" ${SMOKE[@]+"${SMOKE[@]}"}
+stage models "$MODELS_S" "$PY" -m bench models --step-kinds train --out "$DEST" --budget-s "$(budget_for 25)" \
+  ${SMOKE[@]+"${SMOKE[@]}"}
 
 log "done in $((SECONDS - START))s; files in $DEST:"
 ls -la "$DEST" | tee -a "$LOG"

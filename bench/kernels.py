@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import bytecount, report
+from . import bytecount, predict, report
 from .runctl import Budget, Stop, choices, compile_settings, stop_on_sigterm, stop_requested
 from .providers import OPS, Context, Provider, make_inputs, providers_for
 from .timing import TimerConfig, clear_grads, rotation, sync, time_calls, use_graph
@@ -271,6 +271,9 @@ def run(args: argparse.Namespace) -> dict:
               "compiler_settings": compiler_settings}
     section = {"config": config, "rows": [], "speedups": [], "copy_peak": None}
 
+    predictions, gpu_model = predict.load(), predict.gpu_model_of(env.get("device_name"))
+    config["predictions_for"] = gpu_model
+
     def planned(p) -> bool:
         return (only is None or p.name in only) and p.name not in skip
 
@@ -311,7 +314,14 @@ def run(args: argparse.Namespace) -> dict:
         times = "  ".join(f"{r['mode']} {r['time_ms'] * 1e3:.1f}us {r['gbps']:.0f}GB/s" for r in got)
         print(f"  {label}: {times}  (first call {got[0]['first_call_s']:.2f}s, "
               f"{time.perf_counter() - t_start:.1f}s)", flush=True)
-        return [dict(case.base(), **r) for r in got]
+        rows = [dict(case.base(), **r) for r in got]
+        if case.provider.ours:
+            for r in rows:   # the static model's estimate beside the measurement (bench/predict.py)
+                pred = predictions.get(predict.key(case.op, case.sname, case.dname, gpu_model), {}).get(r["mode"])
+                if pred:
+                    r["predicted_pct_peak_copy"] = 100.0 * pred["fraction_of_copy"]
+                    r["predicted_time_us"] = pred["time_us"]
+        return rows
 
     from dyt_kernels import use_backend
     threads = torch.get_num_threads()

@@ -6,7 +6,13 @@ against norm=dyt, eager and under torch.compile, in bf16 autocast.
             (the prompts are encoded inside the step: the text encoder is trained with the model)
     sample  under no_grad: out = model(x, t, cond), cond encoded once beforehand, as a sampler does
 
-Compiled rows compile the model's forward (torch.compile(model)); the optimizer step stays eager.
+Modes (the optimizer step stays eager in all of them):
+    eager             the model as it is
+    compiled          torch.compile(model): for DyT the forward reaches inductor as pointwise ops it fuses
+                      into its neighbours, the backward is our kernel (the default compiled path)
+    compiled-kernel   the same under use_backend("triton"): our kernels both ways (DyT rows only)
+    reduce-overhead   torch.compile(model, mode="reduce-overhead"): the step replayed as CUDA graphs,
+                      the host's launch overhead gone (CUDA only)
 
 Norm share: the step is profiled with torch.profiler and every GPU kernel whose name matches
 `is_norm_kernel` counts as norm+modulate (on a CPU run: every CPU op, by self time). The rule:
@@ -45,7 +51,7 @@ from .timing import sync
 
 MODEL_NAMES = ("pixart", "flux")
 STEP_KINDS = ("train", "sample")
-COMPILE_MODES = ("eager", "compiled")
+COMPILE_MODES = ("eager", "compiled", "compiled-kernel", "reduce-overhead")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 _NORM_NAMES = re.compile(r"dyt|modulate|layer_?norm|rms_?norm|gamma_?beta", re.IGNORECASE)
@@ -170,14 +176,31 @@ def norm_share(step: Callable, device: torch.device, steps: int) -> dict:
     }
 
 
-def bench_config(build, name: str, norm: str, compiled: bool, kind: str, args, device, amp_dtype,
+def unavailable(mode: str, norm: str, device: torch.device) -> str | None:
+    """Why a (mode, norm) pair is not run here, or None."""
+    if mode == "compiled-kernel" and norm != "dyt":
+        return "compiled-kernel only differs from compiled where our kernels run (norm=dyt)"
+    if mode in ("compiled-kernel", "reduce-overhead") and device.type != "cuda":
+        return f"{mode} needs CUDA (our kernels / CUDA graphs)"
+    return None
+
+
+def _compiled(model, mode: str, compile_backend: str):
+    if mode == "eager":
+        return model
+    if mode == "reduce-overhead":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, backend=compile_backend)
+
+
+def bench_config(build, name: str, norm: str, mode: str, kind: str, args, device, amp_dtype,
                  compile_backend: str) -> dict:
     torch.manual_seed(0)
     overrides = {**args.overrides.get(None, {}), **args.overrides.get(name, {})}
     model = build(name, preset=args.preset, norm=norm, in_channels=args.in_channels, image_size=args.image_size,
                   **overrides).to(device)
     model.train(kind == "train")
-    fwd = torch.compile(model, backend=compile_backend) if compiled else model
+    fwd = _compiled(model, mode, compile_backend)
     x, t = make_batch(name, args.batch, args.in_channels, args.image_size, device)
     step = make_step(kind, model, fwd, x, t, prompts(args.batch), amp_dtype, device)
     sync(device)
@@ -203,7 +226,7 @@ def bench_config(build, name: str, norm: str, compiled: bool, kind: str, args, d
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", default=",".join(MODEL_NAMES))
     ap.add_argument("--norms", default=None, help="comma-separated (default: every norm of models.NORMS)")
-    ap.add_argument("--compile", default=",".join(COMPILE_MODES), help="eager, compiled or both")
+    ap.add_argument("--compile", default=",".join(COMPILE_MODES), help="comma-separated: " + ", ".join(COMPILE_MODES))
     ap.add_argument("--step-kinds", default=",".join(STEP_KINDS), help="train, sample or both")
     ap.add_argument("--preset", default=None, help="models preset (default seed; small with --smoke)")
     ap.add_argument("--batch", type=int, default=None, help="default 1024 (4 with --smoke)")
@@ -278,7 +301,7 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
     modes, kinds = choices(args.compile, COMPILE_MODES), choices(args.step_kinds, STEP_KINDS)
     # Eager configs first: they are cheap, and a compile can eat most of a short budget. The norms
     # are innermost so that a budget cut leaves whole layernorm/dyt pairs.
-    configs = [(c == "compiled", n, nm, k) for c in modes for n in names for k in kinds for nm in norms]
+    configs = [(c, n, nm, k) for c in modes for n in names for k in kinds for nm in norms]
     budget = Budget(args.budget_s)
     backend = "torch" if device.type != "cuda" else None
     from dyt_kernels import use_backend
@@ -291,16 +314,21 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
     try:
         with compiler_context, stop_on_sigterm(), use_backend(backend) if backend else contextlib.nullcontext():
             while pending:
-                compiled, name, norm, kind = pending[0]
-                base = {"model": name, "norm": norm, "compiled": compiled, "step": kind,
+                mode, name, norm, kind = pending[0]
+                compiled = mode != "eager"
+                base = {"model": name, "norm": norm, "mode": mode, "compiled": compiled, "step": kind,
                         "preset": args.preset, "batch": args.batch}
-                if budget.spent() or (compiled and budget.left() < reserve):
+                why = unavailable(mode, norm, device)
+                if why:
+                    row = dict(base, status="skipped", reason=why)
+                elif budget.spent() or (compiled and budget.left() < reserve):
                     row = dict(base, status="skipped", reason=budget.reason() if budget.spent() else
                                f"less than {reserve:g} s of budget left for a compile")
                 else:
                     try:
-                        row = dict(base, **bench_config(build, name, norm, compiled, kind, args, device,
-                                                        AMP[args.amp], compile_backend))
+                        with use_backend("triton") if mode == "compiled-kernel" else contextlib.nullcontext():
+                            row = dict(base, **bench_config(build, name, norm, mode, kind, args, device,
+                                                            AMP[args.amp], compile_backend))
                     except Stop:
                         raise
                     except Exception as e:  # noqa: BLE001 - one failing config must not end the run
@@ -319,8 +347,9 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
                 report.write_section(out_dir, env, "models", section, render=False)
     except Stop:
         section["stopped"] = "stopped by SIGTERM (stage timeout)"
-        for compiled, name, norm, kind in pending:
-            section["rows"].append({"model": name, "norm": norm, "compiled": compiled, "step": kind,
+        for mode, name, norm, kind in pending:
+            section["rows"].append({"model": name, "norm": norm, "mode": mode, "compiled": mode != "eager",
+                                    "step": kind,
                                     "preset": args.preset, "batch": args.batch, "status": "skipped",
                                     "reason": section["stopped"]})
     finally:
@@ -332,8 +361,8 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
 
 
 def _row_line(r: dict) -> str:
-    mode = "compiled" if r["compiled"] else "eager"
-    head = f"  {r['model']:<6} {r['norm']:<9} {mode:<8} {r['step']:<6}"
+    mode = r.get("mode", "compiled" if r["compiled"] else "eager")
+    head = f"  {r['model']:<6} {r['norm']:<9} {mode:<15} {r['step']:<6}"
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r['reason']}"
     share = r.get("norm_share")

@@ -204,6 +204,7 @@ def _kernels_md(sec: dict) -> list[str]:
                     cells.append(f"{_fmt_time(r['time_ms'])} · {_fmt_gbps(r['gbps'])}{pct}")
             table.append(cells)
         lines += _table(["shape", "mode"] + [labels[p] for p in provs], table) + [""]
+    lines += _predictions_md(sec)
     all_sp = sec.get("speedups", [])
     for op in dict.fromkeys(s["op"] for s in all_sp):
         sp = [s for s in all_sp if s["op"] == op]
@@ -242,6 +243,26 @@ def _kernels_md(sec: dict) -> list[str]:
     return lines
 
 
+def _predictions_md(sec: dict) -> list[str]:
+    """Ours, measured against the static model's estimate (bench/predict.py, docs/PERFORMANCE.md),
+    both as a share of the large copy's bandwidth measured in this run."""
+    peak = (sec.get("copy_peak") or {}).get("gbps")
+    rows = [r for r in sec.get("rows", []) if r["status"] == "ok" and r.get("predicted_pct_peak_copy") is not None]
+    if not peak or not rows:
+        return []
+    lines = [f"### Predicted and measured, ours (% of the large copy's {peak:.0f} GB/s; model: "
+             f"{sec.get('config', {}).get('predictions_for')})", ""]
+    table = []
+    for r in rows:
+        got = 100.0 * r["gbps"] / peak
+        gap = got - r["predicted_pct_peak_copy"]
+        table.append([r["op"], f"{r['shape_name']} {'×'.join(map(str, r['shape']))}", r["dtype"], r["mode"],
+                      f"{r['predicted_pct_peak_copy']:.0f}%", f"{got:.0f}%", f"{gap:+.0f}",
+                      "check" if abs(gap) > 10 else ""])
+    return lines + _table(["op", "shape", "dtype", "mode", "predicted", "measured", "points", "> 10 points"],
+                          table) + [""]
+
+
 def _models_md(sec: dict) -> list[str]:
     lines = ["## Model benchmarks", ""] + _env_lines(sec.get("env", {})) + [""]
     if sec.get("status") == "skipped":
@@ -254,10 +275,13 @@ def _models_md(sec: dict) -> list[str]:
     for r in rows:
         ok = r["status"] == "ok"
         share = r.get("norm_share")
-        ln = next((b for b in rows if b["status"] == "ok" and b["norm"] == "layernorm" and
-                   all(b[k] == r[k] for k in ("model", "compiled", "step"))), None)
+        mode = r.get("mode", "compiled" if r["compiled"] else "eager")
+        ln_mode = "compiled" if mode == "compiled-kernel" else mode   # LayerNorm has no kernel of ours
+        ln = next((b for b in rows if b["status"] == "ok" and b["norm"] == "layernorm" and b["model"] == r["model"]
+                   and b["step"] == r["step"] and b.get("mode", "compiled" if b["compiled"] else "eager") == ln_mode),
+                  None)
         vs_ln = f"{r['steps_per_s'] / ln['steps_per_s']:.2f}×" if ok and ln and r["norm"] != "layernorm" else ""
-        table.append([r["model"], r["norm"], "compiled" if r["compiled"] else "eager", r["step"],
+        table.append([r["model"], r["norm"], mode, r["step"],
                       f"{r['steps_per_s']:.2f}" if ok else r["status"],
                       _fmt_time(r.get("step_ms")) if ok else "-", vs_ln,
                       f"{100 * share:.1f}% · {_fmt_time(r['norm_ms_per_step'])}" if ok and share is not None else "-",
@@ -270,12 +294,23 @@ def _models_md(sec: dict) -> list[str]:
     return lines
 
 
+def _host_md(sec: dict) -> list[str]:
+    cfg = sec.get("config", {})
+    lines = ["## Host time per call", "", f"{cfg.get('note', '')}; best of {cfg.get('rounds')} batches of "
+             f"{cfg.get('calls')} calls, tiny tensors, one CPU thread.", ""]
+    table = [[r["op"], r["mode"], r["provider"], f"{r['us_per_call']:.1f} µs", f"{r['vs_eager']:.2f}×"]
+             for r in sec.get("rows", [])]
+    return lines + _table(["op", "mode", "who", "per call", "vs eager"], table) + [""]
+
+
 def render_markdown(doc: dict) -> str:
     lines = [f"# dyt_kernels benchmarks: {doc.get('device')} ({doc.get('date')})", ""]
     if "kernels" in doc:
         lines += _kernels_md(doc["kernels"])
     if "models" in doc:
         lines += _models_md(doc["models"])
+    if "host" in doc:
+        lines += _host_md(doc["host"])
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     if channels_last:
         try:
-            sig = (x.shape, x.dtype, x.device, alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(),
+            sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
+                   alpha.is_contiguous(),
                    None if weight is None else (weight.shape, weight.dtype, weight.device, weight.is_contiguous()),
                    None if bias is None else (bias.shape, bias.dtype, bias.device, bias.is_contiguous()))
         except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
@@ -54,7 +55,7 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
     if slot is None:
         args = _check_dyt_args(x, alpha, weight, bias, channels_last)
         if channels_last and sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
-            slot = _VALIDATED.add(sig, [None, None])
+            slot = _VALIDATED.add(sig, [None, None, sig[3]])  # launches (fwd, bwd); x contiguous
         x, alpha, weight, bias = args
     if torch.compiler.is_compiling():
         route = _compiled_route(x)

@@ -354,6 +354,19 @@ def report(cases=REPORT_CASES, gpu: perfmodel.GPUModel = perfmodel.H100, dump: s
     return rows
 
 
+def predict(case: Case, gpu: perfmodel.GPUModel = perfmodel.H100) -> dict:
+    """{"fwd" | "bwd" | "fwd_bwd": {"time_us", "fraction_of_copy"}} for one case: what the GPU
+    benchmark should measure (its fwd_bwd is a training step's two passes)."""
+    rows = report((case,), gpu)
+    out, total_bytes, total_s = {}, 0, 0.0
+    for r in rows:
+        seconds = r.min_bytes / (r.est_fraction * gpu.copy_bw)
+        out[r.direction] = {"time_us": seconds * 1e6, "fraction_of_copy": r.est_fraction}
+        total_bytes, total_s = total_bytes + r.min_bytes, total_s + seconds
+    out["fwd_bwd"] = {"time_us": total_s * 1e6, "fraction_of_copy": total_bytes / total_s / gpu.copy_bw}
+    return out
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("| case | dir | launches | min MB | moved MB (side) | regs | spill | prog/SM | waves | round trips "
             "| KB in flight/SM | instr/elem | MUFU/elem | est. % of copy | limit | tile |")

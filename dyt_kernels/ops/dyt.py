@@ -231,6 +231,7 @@ class BackwardPlan:
     spec: P.KernelSpec
     part_stride: int       # fp32 elements per partial stream (programs * K)
     K: int                 # partial sums per program: N, or M if per_row
+    rows: int              # M
 
 
 BWD_WARPS = 16
@@ -257,7 +258,7 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
                                                                       "stride_ym": N}),
         tile.num_warps, P.streaming_maxnreg(vectors))
     grid = P.cdiv(M, tile.block_m) * P.cdiv(N, tile.block_n)
-    return P.ForwardPlan(tile, grid, index64, spec)
+    return P.ForwardPlan(tile, grid, index64, spec, M, N)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -289,7 +290,7 @@ def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tupl
         raise RuntimeError(f"dyt backward tile {tile} does not fit one SM of {props.name}")
     programs, steps = P.split_reduction(tiles, blocks, per_sm, props)
     part_stride = max(programs * K, programs * blocks)
-    return BackwardPlan(tile, blocks, programs, steps, programs * blocks, index64, per_sm, spec, part_stride, K)
+    return BackwardPlan(tile, blocks, programs, steps, programs * blocks, index64, per_sm, spec, part_stride, K, M)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,6 +393,14 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
             launch=None, slot: list | None = None) -> Tensor:
     """y = dyt(x) with one launch; `launch` wraps the kernel (wrap_triton inside custom ops). `slot`,
     from functional.py, remembers this argument signature's launch configurations between calls."""
+    if slot is not None and slot[0] is not None and slot[2]:
+        # A validated signature with contiguous channels-last x: its rows are x itself, the launch known.
+        y = torch.empty_like(x)
+        cfg = slot[0]
+        M, N = cfg.plan.rows, cfg.plan.cols
+        (_dyt_fwd_kernel if launch is None else launch(_dyt_fwd_kernel))[cfg.grid](
+            x, y, alpha, x if weight is None else weight, x if bias is None else bias, M, N, N, N, N, **cfg.kwargs)
+        return y
     if channels_last:
         C = x.shape[-1]
         layout = _CHANNELS_LAST
@@ -418,17 +427,24 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
 def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
              channels_last: bool, launch=None, slot: list | None = None):
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
-    C = x.shape[-1] if channels_last else x.shape[1]
-    layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
-    dx = empty_like_layout(x, layout)
-    if x.numel() == 0:
-        zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
-        return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
-    x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
-    M, N = x2.shape
-    cfg = P.cached_launch(slot, 1, _BWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row),
-                          _backward_launch)
-    p = cfg.plan
+    if slot is not None and slot[1] is not None and slot[2] and dy.is_contiguous():
+        # A validated signature with contiguous channels-last x and dy: rows are the tensors themselves.
+        cfg, layout = slot[1], _CHANNELS_LAST
+        p = cfg.plan
+        x2, dy2, dx2 = x, dy, torch.empty_like(x)
+        M, N, C, dx = p.rows, p.K, p.K, dx2
+    else:
+        C = x.shape[-1] if channels_last else x.shape[1]
+        layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
+        dx = empty_like_layout(x, layout)
+        if x.numel() == 0:
+            zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
+            return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
+        x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
+        M, N = x2.shape
+        cfg = P.cached_launch(slot, 1, _BWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row),
+                              _backward_launch)
+        p = cfg.plan
     part = torch.empty((3, p.part_stride), dtype=torch.float32, device=x.device)
     da = torch.empty_like(alpha)
     dw = None if weight is None else torch.empty_like(weight)

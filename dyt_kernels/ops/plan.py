@@ -255,11 +255,13 @@ def split_reduction(tiles: int, col_blocks: int, per_sm: int, props: DeviceProps
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """A streaming kernel's plan: one tile per program."""
+    """A streaming kernel's plan: one tile per program, over rows x cols."""
     tile: Tile
     grid: int
     index64: bool
     spec: KernelSpec
+    rows: int = 0
+    cols: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""Host time per call: what the Python path of each op costs, beside F.layer_norm and the eager DyT.
+
+At the seed's shapes a norm pass is a few µs of GPU time, so in eager training what the host spends
+issuing it decides the speed. Tiny tensors, one CPU thread, every op in the same run:
+
+    CPU   every Triton launch stubbed (TRITON_INTERPRET=1, the interpreter's launcher a no-op): what
+          remains is all the project does per call, checks, path choice, plans, allocations. The
+          command sets TRITON_INTERPRET itself; it must be set before dyt_kernels is imported.
+    CUDA  real launches; the GPU work per call is tiny, so the time is the host's (Triton's launcher
+          included). The device is synchronized once per batch of calls.
+
+Each number is the best of `rounds` batches of `calls` calls (the minimum filters out other load on
+the machine), in µs per call.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import report
+
+OPS = ("dyt", "dyt_modulate")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--calls", type=int, default=200, help="calls per timed batch")
+    ap.add_argument("--rounds", type=int, default=30, help="timed batches per function; the best counts")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--device", default=None, help="cuda when available, else cpu (launches stubbed)")
+
+
+def _cases(device: torch.device) -> dict:
+    import torch.nn.functional as F
+
+    import dyt_kernels as dk
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    x, a, w, b, dy = leaf(16, 8), leaf(1), leaf(8), leaf(8), torch.randn(16, 8, device=device)
+    lw, lb = leaf(8), leaf(8)
+    xm, res = leaf(2, 8, 8), leaf(2, 8, 8)
+    shift, scale, gate = leaf(2, 8), leaf(2, 8), leaf(2, 8)
+    dh = [torch.randn(2, 8, 8, device=device) for _ in range(2)]
+
+    def eager_mod():
+        r = res + gate[:, None] * xm
+        return (w * torch.tanh(a * r) + b) * (1 + scale[:, None]) + shift[:, None], r
+
+    def ours_mod():
+        return dk.dyt_modulate(xm, a, shift, scale, w, b, residual=res, gate=gate)
+
+    mod_inputs = (xm, a, shift, scale, w, b, res, gate)
+    return {
+        ("dyt", "fwd", "ours"): lambda: dk.dyt(x, a, w, b),
+        ("dyt", "fwd", "eager DyT (3 ops)"): lambda: w * torch.tanh(a * x) + b,
+        ("dyt", "fwd", "F.layer_norm"): lambda: F.layer_norm(x, (8,), lw, lb),
+        ("dyt", "fwd+bwd", "ours"): lambda: torch.autograd.grad(dk.dyt(x, a, w, b), (x, a, w, b), dy),
+        ("dyt", "fwd+bwd", "eager DyT (3 ops)"): lambda: torch.autograd.grad(w * torch.tanh(a * x) + b,
+                                                                            (x, a, w, b), dy),
+        ("dyt", "fwd+bwd", "F.layer_norm"): lambda: torch.autograd.grad(F.layer_norm(x, (8,), lw, lb),
+                                                                       (x, lw, lb), dy),
+        ("dyt_modulate", "fwd", "ours"): ours_mod,
+        ("dyt_modulate", "fwd", "eager DyT + modulate"): eager_mod,
+        ("dyt_modulate", "fwd+bwd", "ours"): lambda: torch.autograd.grad(ours_mod(), mod_inputs, dh),
+        ("dyt_modulate", "fwd+bwd", "eager DyT + modulate"): lambda: torch.autograd.grad(eager_mod(), mod_inputs,
+                                                                                         dh),
+    }
+
+
+def measure(device: torch.device, calls: int, rounds: int) -> list[dict]:
+    import dyt_kernels as dk
+
+    fns = _cases(device)
+    best = {key: float("inf") for key in fns}
+    with dk.use_backend("triton"):
+        for fn in fns.values():
+            for _ in range(20):
+                fn()
+        for _ in range(rounds):   # interleaved, so slow phases of the machine hit every function alike
+            for key, fn in fns.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best[key] = min(best[key], (time.perf_counter() - t0) / calls * 1e6)
+    rows = []
+    for (op, mode, who), us in best.items():
+        eager = best[(op, mode, "eager DyT (3 ops)" if op == "dyt" else "eager DyT + modulate")]
+        rows.append({"op": op, "mode": mode, "provider": who, "us_per_call": us, "vs_eager": us / eager})
+    return rows
+
+
+def _stub_launches() -> None:
+    import triton.runtime.interpreter as interp
+    interp.InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise SystemExit("bench host on CPU needs TRITON_INTERPRET=1 before dyt_kernels is imported "
+                             "(python -m bench host sets it when no GPU is present)")
+        _stub_launches()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = measure(device, args.calls, args.rounds)
+    finally:
+        torch.set_num_threads(threads)
+    env = report.collect_env(device)
+    note = ("Triton launches stubbed (CPU): the project's own host path" if device.type == "cpu"
+            else "real launches on the GPU (Triton's launcher included)")
+    section = {"config": {"device": str(device), "calls": args.calls, "rounds": args.rounds, "note": note},
+               "rows": rows}
+    paths = report.write_section(Path(args.out) if args.out else report.RESULTS_DIR, env, "host", section)
+    print(f"host time per call ({note}):")
+    for r in rows:
+        print(f"  {r['op']:<13} {r['mode']:<8} {r['provider']:<22} {r['us_per_call']:7.1f} us  "
+              f"{r['vs_eager']:.2f}x eager")
+    print(f"wrote {paths['json']}")
+    return section
