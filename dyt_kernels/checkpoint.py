@@ -14,24 +14,9 @@ from typing import Mapping
 
 from torch import Tensor, nn
 
-ALPHA = "alpha"
+from .modules import ALPHA, DyTCheckpointWarning
 
 
-class DyTCheckpointWarning(UserWarning):
-    """A load that would lose DyT alphas, or give a DyT no alpha from the checkpoint."""
-
-
-def warn_on_layernorm_state(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                            unexpected_keys, error_msgs) -> None:
-    """Load-state-dict pre-hook on each converted DyT: a LayerNorm checkpoint has weights but no alpha."""
-    if prefix + ALPHA in state_dict:
-        return
-    if any(prefix + name in state_dict for name in ("weight", "bias")):
-        warnings.warn(
-            f"the state dict has '{prefix}weight' but no '{prefix}{ALPHA}': it looks like a LayerNorm "
-            f"checkpoint loaded into a converted DyT model. Under strict=False alpha keeps its current value "
-            f"{module.alpha.detach().flatten()[:4].tolist()}. Load a LayerNorm checkpoint before converting: "
-            f"model.load_state_dict(state); convert_layernorm_to_dyt(model).", DyTCheckpointWarning, stacklevel=4)
 
 
 def _alpha_owners(keys) -> dict[str, str]:

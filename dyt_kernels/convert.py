@@ -18,7 +18,6 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._checks import check_finite
-from .checkpoint import warn_on_layernorm_state
 from .compat import keep_third_party_paths_working
 from .modules import DyT, ModulatedDyT
 from .recognize import NOT_REPLACEABLE, NormKind, describe, is_norm_named, recognize
@@ -171,7 +170,6 @@ def _build(norm: nn.Module, name: str, kind: NormKind, ancestors: list[nn.Module
             with torch.no_grad():
                 getattr(new, attr).copy_(old.reshape(getattr(new, attr).shape))
         getattr(new, attr).requires_grad_(old.requires_grad)
-    new.register_load_state_dict_pre_hook(warn_on_layernorm_state)  # a LayerNorm checkpoint says so when loaded
     return new
 
 

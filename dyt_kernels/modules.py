@@ -1,6 +1,7 @@
 """nn.Modules over the functional ops: DyT (a drop-in for nn.LayerNorm) and ModulatedDyT (adaLN)."""
 import math
 import numbers
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -24,6 +25,26 @@ def _shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
 def _check_dtype(dtype) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (the parameters are trained), got {dtype!r}")
+
+
+ALPHA = "alpha"
+
+
+class DyTCheckpointWarning(UserWarning):
+    """A load that would lose DyT alphas, or give a DyT no alpha from the checkpoint."""
+
+
+def _warn_on_layernorm_state(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                             unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook of every DyT: a LayerNorm checkpoint has weights but no alpha."""
+    if prefix + ALPHA in state_dict:
+        return
+    if any(prefix + name in state_dict for name in ("weight", "bias")):
+        warnings.warn(
+            f"the state dict has '{prefix}weight' but no '{prefix}{ALPHA}': it looks like a LayerNorm "
+            f"checkpoint loaded into a DyT model. Under strict=False alpha keeps its current value "
+            f"{module.alpha.detach().flatten()[:4].tolist()}. Load a LayerNorm checkpoint before converting: "
+            f"model.load_state_dict(state); convert_layernorm_to_dyt(model).", DyTCheckpointWarning, stacklevel=4)
 
 
 def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -78,6 +99,7 @@ class DyT(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_warn_on_layernorm_state)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -591,3 +591,19 @@ def test_poisoned_empty_is_seen_by_the_launchers():
         assert torch.isnan(ops_dyt.torch.empty(3)).all()
         assert torch.isnan(ops_dyt.torch.empty_like(torch.zeros(2, 2))).all()
     assert not torch.isnan(torch.empty_like(torch.zeros(2, 2)).fill_(0)).any()
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 32), (3, 5, 2, 24), (40, 24)], ids=["3d", "4d", "2d"])
+def test_repeat_calls_take_the_cached_path_and_stay_right(shape, device):
+    """The second call with an argument signature the first validated skips the checks and reuses the
+    launch configurations (functional.py's fast path); it must stay exactly as right as the first.
+    Regression: the cached backward once passed a 3-D tensor's batch stride as the row stride."""
+    C = shape[-1]
+    results = []
+    for _ in range(3):
+        torch.manual_seed(1)
+        x, alpha, w, b = make_inputs(shape, C, device, torch.float32)
+        dy = torch.randn_like(x)
+        results.append(run_dyt(x, alpha, w, b, dy))
+    for name, first, later in zip(["y", "dx", "dalpha", "dweight", "dbias"], results[0], results[2]):
+        assert torch.equal(first, later), f"{name} differs on the cached path"

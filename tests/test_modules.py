@@ -295,3 +295,13 @@ def test_alpha_accepts_numpy_scalars_and_refuses_bools(device):
         assert torch.equal(dyt(x, np.float64(0.5)), expected)
         with pytest.raises(TypeError, match="alpha must be a real number or a torch.Tensor, got bool"):
             dyt(x, True)
+
+
+def test_layernorm_state_into_dyt_warns_under_strict_false(device):
+    """Any DyT (not only converted ones) says when a state dict has weights but no alpha."""
+    from dyt_kernels import DyTCheckpointWarning
+    norm = DyT(8, device=device)
+    state = torch.nn.LayerNorm(8, device=device).state_dict()
+    with pytest.warns(DyTCheckpointWarning, match="no 'alpha'"):
+        norm.load_state_dict(state, strict=False)
+    assert norm.alpha.item() == 0.5

@@ -433,6 +433,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         p = cfg.plan
         x2, dy2, dx2 = x, dy, torch.empty_like(x)
         M, N, C, dx = p.rows, p.K, p.K, dx2
+        strides = (N, N, N)   # the tensors may have more dims than (M, N): their row stride is N
     else:
         C = x.shape[-1] if channels_last else x.shape[1]
         layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
@@ -442,6 +443,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
             return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
         x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
         M, N = x2.shape
+        strides = (dy2.stride(0), x2.stride(0), dx2.stride(0))
         cfg = P.cached_launch(slot, 1, _BWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row),
                               _backward_launch)
         p = cfg.plan
@@ -451,7 +453,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     db = None if bias is None else torch.empty_like(bias)
     (_dyt_bwd_kernel if launch is None else launch(_dyt_bwd_kernel))[cfg.grid](
         dy2, x2, dx2, alpha, x2 if weight is None else weight, part,
-        M, N, C, dy2.stride(0), x2.stride(0), dx2.stride(0), p.steps, p.part_stride, **cfg.kwargs)
+        M, N, C, *strides, p.steps, p.part_stride, **cfg.kwargs)
     # Channel sums: the partials are (programs * rows-per-channel, C) matrices (rows = n*C + c per row).
     S = p.programs * (M // C if layout.per_row else 1)
     jobs = []
