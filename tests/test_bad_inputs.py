@@ -678,3 +678,26 @@ def test_inference_mode_and_no_grad(backend, device):
         y = norm(x)
     assert not y_inf.requires_grad and not y_ng.requires_grad and y.requires_grad
     assert torch.equal(y_inf, y.detach()) and torch.equal(y_ng, y.detach())
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["residual", "residual+gate"])
+def test_dyt_modulate_residual_wider_than_x_gradients(gate, device):
+    """bf16 x with an fp32 residual: the kernels write dresidual (fp32) and dx (bf16) as two outputs,
+    even without a gate, where they are the same values in two dtypes. Gradients match the torch
+    backend (the reference formulas, the same roundings) on the same upstream gradients."""
+    B, L, D = 2, 5, 24
+    x = torch.randn(B, L, D, device=device).bfloat16().requires_grad_()
+    res, s, g = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((B, L, D), (B, D), (B, D)))
+    dh, dr = torch.randn(B, L, D, device=device).bfloat16(), torch.randn(B, L, D, device=device)
+    leaves = (x, res, s, g) if gate else (x, res, s)
+    got = {}
+    for backend in BACKENDS:
+        with use_backend(backend):
+            h, r = dyt_modulate(x, 0.5, s, s, residual=res, gate=g if gate else None)
+        got[backend] = torch.autograd.grad((h, r), leaves, (dh, dr))
+    for name, a, b in zip(("dx", "dresidual", "dshift+dscale", "dgate"), got["triton"], got["torch"]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # dx: one bf16 rounding apart at most (fp32 values a tanh-form error apart can round either way);
+        # the fp32 ones: a few fp32 eps of their scale, times the L = 5 tokens a per-sample sum adds.
+        bound = (torch.finfo(torch.bfloat16).eps if a.dtype == torch.bfloat16 else 8 * L * FP32_EPS)
+        assert max_abs_err(a, b) <= bound * b.float().abs().max().item(), name

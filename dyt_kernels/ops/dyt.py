@@ -366,8 +366,8 @@ def empty_like_layout(x: Tensor, layout: Layout) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-_FWD = P.LaunchCache()
-_BWD = P.LaunchCache()
+_FWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
+_BWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
 
 
 def _forward_launch(key) -> P.Launch:

@@ -483,8 +483,8 @@ def side_bytes(p: BackwardPlan, flags: BwdFlags, B: int, D: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Launchers.
 
-_FWD = P.LaunchCache()
-_BWD = P.LaunchCache()
+_FWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
+_BWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
 
 
 def _forward_launch(key) -> P.Launch:

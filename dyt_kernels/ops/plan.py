@@ -242,7 +242,7 @@ def needs_index64(*numels: int) -> bool:
 
 def check_rows(M: int) -> None:
     if M >= INT32_LIMIT:
-        raise ValueError(f"more than 2^31 - 1 rows ({M}) is not supported")
+        raise ValueError(f"x has {M} rows (elements / channels); at most 2^31 - 1 rows are supported")
 
 
 def split_reduction(tiles: int, col_blocks: int, per_sm: int, props: DeviceProps) -> tuple[int, int]:
@@ -285,14 +285,12 @@ class BoundedCache(dict):
         return value
 
 
-LaunchCache = BoundedCache  # launch configurations by (shape, dtypes, flags, device)
-
 
 def launch_of(plan, spec: KernelSpec, grid: int) -> Launch:
     return Launch(plan, (grid,), spec.launch_kwargs())
 
 
-def cached_launch(slot: list | None, index: int, cache: LaunchCache, key_of, make) -> Launch:
+def cached_launch(slot: list | None, index: int, cache: BoundedCache, key_of, make) -> Launch:
     """The launch configuration: from the call signature's slot (functional.py), else from the cache
     by key, else made (and remembered in both)."""
     launch = None if slot is None else slot[index]

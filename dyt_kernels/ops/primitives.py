@@ -66,13 +66,6 @@ def load_tile(ptr, row_off, cols, mask):
 
 
 @triton.jit
-def load_vector(ptr, cols, col_ok):
-    """A per-channel vector as a (1, BLOCK_N) row that broadcasts against a tile: one load per
-    thread's columns when the plan keeps every warp on distinct columns (see plan.tile_for)."""
-    return tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
 def load_channels(ptr, cols, col_ok, BLOCK_M: tl.constexpr):
     """A per-channel vector as a full (BLOCK_M, BLOCK_N) tile with row stride 0.
 
