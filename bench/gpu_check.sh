@@ -14,9 +14,10 @@
 #                  rows carry the static model's prediction (bench/predictions.json) beside the measurement
 #   5. liger       the same for LigerDyT alone, merged into the table: its autotuner compiles and
 #                  times 18 configs per hidden size, dtype and pass, so it gets its own budget
-#   6. models      python -m bench models --step-kinds train: eager, compiled (inductor fuses DyT's
-#                  forward, our backward kernel), compiled-kernel (our kernels both ways),
-#                  reduce-overhead (CUDA graphs); LayerNorm beside each
+#   6. models      python -m bench models --step-kinds train: eager, eager-graphs (the eager step
+#                  captured whole in one CUDA graph), compiled (inductor fuses DyT's forward, our
+#                  backward kernel), compiled-kernel (our kernels both ways), reduce-overhead
+#                  (compiled + CUDA graphs); LayerNorm beside each
 #
 # A stage that fails or times out is recorded and the next one runs. The benchmarks get a budget a
 # little under their timeout so they stop cleanly; a SIGTERM from `timeout` still makes them write

@@ -9,6 +9,8 @@ issuing it decides the speed. Tiny tensors, one CPU thread, every op in the same
     CUDA  real launches; the GPU work per call is tiny, so the time is the host's (Triton's launcher
           included). The device is synchronized once per batch of calls.
 
+Modes: fwd (inputs that require grad, so the op records its backward), no_grad (the same forward
+under torch.no_grad, as in sampling), fwd+bwd (forward, then torch.autograd.grad of every input).
 Each number is the best of `rounds` batches of `calls` calls (the minimum filters out other load on
 the machine), in µs per call.
 """
@@ -59,6 +61,9 @@ def _cases(device: torch.device) -> dict:
         ("dyt", "fwd", "ours"): lambda: dk.dyt(x, a, w, b),
         ("dyt", "fwd", "eager DyT (3 ops)"): lambda: w * torch.tanh(a * x) + b,
         ("dyt", "fwd", "F.layer_norm"): lambda: F.layer_norm(x, (8,), lw, lb),
+        ("dyt", "no_grad", "ours"): lambda: _no_grad(dk.dyt, x, a, w, b),
+        ("dyt", "no_grad", "eager DyT (3 ops)"): lambda: _no_grad(lambda: w * torch.tanh(a * x) + b),
+        ("dyt", "no_grad", "F.layer_norm"): lambda: _no_grad(F.layer_norm, x, (8,), lw, lb),
         ("dyt", "fwd+bwd", "ours"): lambda: torch.autograd.grad(dk.dyt(x, a, w, b), (x, a, w, b), dy),
         ("dyt", "fwd+bwd", "eager DyT (3 ops)"): lambda: torch.autograd.grad(w * torch.tanh(a * x) + b,
                                                                             (x, a, w, b), dy),
@@ -70,6 +75,11 @@ def _cases(device: torch.device) -> dict:
         ("dyt_modulate", "fwd+bwd", "eager DyT + modulate"): lambda: torch.autograd.grad(eager_mod(), mod_inputs,
                                                                                          dh),
     }
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 def measure(device: torch.device, calls: int, rounds: int) -> list[dict]:

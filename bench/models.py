@@ -13,6 +13,10 @@ Modes (the optimizer step stays eager in all of them):
     compiled-kernel   the same under use_backend("triton"): our kernels both ways (DyT rows only)
     reduce-overhead   torch.compile(model, mode="reduce-overhead"): the step replayed as CUDA graphs,
                       the host's launch overhead gone (CUDA only)
+    eager-graphs      the eager step captured whole in one torch.cuda.CUDAGraph and replayed: forward,
+                      backward and AdamW(capturable=True) for train (prompts tokenized once outside
+                      the graph, the text encoder inside it); autocast without its weight cache, as
+                      capture requires (CUDA only). Our eager kernels, no compiler, no host overhead.
 
 Norm share: the step is profiled with torch.profiler and every GPU kernel whose name matches
 `is_norm_kernel` counts as norm+modulate (on a CPU run: every CPU op, by self time). The rule:
@@ -51,7 +55,8 @@ from .timing import sync
 
 MODEL_NAMES = ("pixart", "flux")
 STEP_KINDS = ("train", "sample")
-COMPILE_MODES = ("eager", "compiled", "compiled-kernel", "reduce-overhead")
+COMPILE_MODES = ("eager", "eager-graphs", "compiled", "compiled-kernel", "reduce-overhead")  # cheap ones first
+UNCOMPILED = ("eager", "eager-graphs")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 _NORM_NAMES = re.compile(r"dyt|modulate|layer_?norm|rms_?norm|gamma_?beta", re.IGNORECASE)
@@ -127,6 +132,53 @@ def make_step(kind: str, model, fwd: Callable, x, t, texts: list[str], amp_dtype
     return sample_step
 
 
+def graphed_step(kind: str, model, x, t, texts: list[str], amp_dtype, device) -> Callable[[], None]:
+    """make_step's step captured whole in one CUDA graph on its first call (after warm-up steps on a
+    side stream, which compile the kernels and fill the launch caches); later calls replay it."""
+    enc = model.text_encoder
+    if not (hasattr(enc, "tokenizer") and hasattr(enc, "encode")):
+        raise TypeError("eager-graphs needs a text encoder with tokenizer() and encode(ids, mask)")
+    ids, mask = enc.tokenizer(texts, device=device)   # host work, outside the graph
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=False)
+
+    if kind == "train":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
+
+        def body():
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = _first(model(x, t, enc.encode(ids, mask))).float().square().mean()
+            loss.backward()
+            opt.step()
+    else:
+        with torch.no_grad(), autocast():
+            cond = enc.encode(ids, mask)
+
+        def body():
+            with torch.no_grad(), autocast():
+                model(x, t, cond)
+    graph = []
+
+    def step():
+        if not graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                body()
+            graph.append(g)
+        graph[0].replay()
+    return step
+
+
 def time_steps(step: Callable, device: torch.device, steps: int, repeats: int) -> list[float]:
     """Steps per second of `repeats` blocks of `steps` back-to-back steps (one sync per block)."""
     rates = []
@@ -180,13 +232,13 @@ def unavailable(mode: str, norm: str, device: torch.device) -> str | None:
     """Why a (mode, norm) pair is not run here, or None."""
     if mode == "compiled-kernel" and norm != "dyt":
         return "compiled-kernel only differs from compiled where our kernels run (norm=dyt)"
-    if mode in ("compiled-kernel", "reduce-overhead") and device.type != "cuda":
+    if mode in ("compiled-kernel", "reduce-overhead", "eager-graphs") and device.type != "cuda":
         return f"{mode} needs CUDA (our kernels / CUDA graphs)"
     return None
 
 
 def _compiled(model, mode: str, compile_backend: str):
-    if mode == "eager":
+    if mode in UNCOMPILED:
         return model
     if mode == "reduce-overhead":
         return torch.compile(model, mode="reduce-overhead")
@@ -202,7 +254,10 @@ def bench_config(build, name: str, norm: str, mode: str, kind: str, args, device
     model.train(kind == "train")
     fwd = _compiled(model, mode, compile_backend)
     x, t = make_batch(name, args.batch, args.in_channels, args.image_size, device)
-    step = make_step(kind, model, fwd, x, t, prompts(args.batch), amp_dtype, device)
+    if mode == "eager-graphs":
+        step = graphed_step(kind, model, x, t, prompts(args.batch), amp_dtype, device)
+    else:
+        step = make_step(kind, model, fwd, x, t, prompts(args.batch), amp_dtype, device)
     sync(device)
     t0 = time.perf_counter()
     step()  # compile, autotuning and lazy initialisation land here
@@ -315,7 +370,7 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
         with compiler_context, stop_on_sigterm(), use_backend(backend) if backend else contextlib.nullcontext():
             while pending:
                 mode, name, norm, kind = pending[0]
-                compiled = mode != "eager"
+                compiled = mode not in UNCOMPILED
                 base = {"model": name, "norm": norm, "mode": mode, "compiled": compiled, "step": kind,
                         "preset": args.preset, "batch": args.batch}
                 why = unavailable(mode, norm, device)
@@ -348,7 +403,7 @@ def run(args: argparse.Namespace, builder: Callable | None = None) -> dict:
     except Stop:
         section["stopped"] = "stopped by SIGTERM (stage timeout)"
         for mode, name, norm, kind in pending:
-            section["rows"].append({"model": name, "norm": norm, "mode": mode, "compiled": mode != "eager",
+            section["rows"].append({"model": name, "norm": norm, "mode": mode, "compiled": mode not in UNCOMPILED,
                                     "step": kind,
                                     "preset": args.preset, "batch": args.batch, "status": "skipped",
                                     "reason": section["stopped"]})

@@ -51,12 +51,16 @@ def _save_dyt(ctx, x, alpha, weight, bias, channels_last):
 
 
 class DyTFunction(torch.autograd.Function):
-    """Eager Triton path; `slot` carries the call signature's cached launch configurations."""
+    """Eager Triton path; `slot` carries the call signature's cached launch configurations.
+
+    The backward never reads bias's values (dbias = sum dy), only its dtype and shape to allocate
+    dbias, so bias is kept as a plain reference rather than a saved tensor (a saved tensor costs a
+    version check and a wrapper on both ends; at small shapes the host is the cost)."""
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, slot):
-        _save_dyt(ctx, x, alpha, weight, bias, channels_last)
-        ctx.slot = slot
+        ctx.save_for_backward(x, alpha, weight)
+        ctx.bias, ctx.channels_last, ctx.slot = bias, channels_last, slot
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
 
     @staticmethod
@@ -64,8 +68,8 @@ class DyTFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty): the kernels are not differentiable, the
             # reference formulas are; they give the same gradients in torch ops autograd can follow.
-            return (*reference.dyt_backward(dy, *ctx.saved_tensors, ctx.channels_last), None, None)
-        return (*dyt_ops.backward(dy, *ctx.saved_tensors, ctx.channels_last, slot=ctx.slot), None, None)
+            return (*reference.dyt_backward(dy, *ctx.saved_tensors, ctx.bias, ctx.channels_last), None, None)
+        return (*dyt_ops.backward(dy, *ctx.saved_tensors, ctx.bias, ctx.channels_last, slot=ctx.slot), None, None)
 
 
 class DyTReference(torch.autograd.Function):

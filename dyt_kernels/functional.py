@@ -14,6 +14,7 @@ from ._checks import as_alpha, check_finite, check_input, check_modulation, chec
 from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFused, DyTModulateReference,
                        DyTReference)
 from .backend import get_backend, use_triton
+from .ops import dyt as dyt_ops
 from .ops.plan import BoundedCache
 
 
@@ -45,10 +46,14 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     if channels_last:
         try:
+            # Flat (no nested tuples: it is built and hashed on every call); an absent weight or bias
+            # shows as None where its shape would be, so no two argument lists share a signature.
             sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
                    alpha.is_contiguous(),
-                   None if weight is None else (weight.shape, weight.dtype, weight.device, weight.is_contiguous()),
-                   None if bias is None else (bias.shape, bias.dtype, bias.device, bias.is_contiguous()))
+                   None if weight is None else weight.shape, None if weight is None else weight.dtype,
+                   None if weight is None else weight.device, weight is None or weight.is_contiguous(),
+                   None if bias is None else bias.shape, None if bias is None else bias.dtype,
+                   None if bias is None else bias.device, bias is None or bias.is_contiguous())
         except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
             sig = None
         slot = _VALIDATED.get(sig)
@@ -65,6 +70,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
             return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
         return reference.dyt(x, alpha, weight, bias, channels_last)
     if use_triton(x):
+        if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
+            return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
         return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
     return DyTReference.apply(x, alpha, weight, bias, channels_last)
 

@@ -241,12 +241,14 @@ def _resident(grid: int, per_sm: int, sm_count: int) -> tuple[int, int]:
 
 
 def _finish_spec(jobs: int) -> P.KernelSpec:
-    ptrs = []
+    args = [("part", "*fp32")]
     for j in range(finish_ops.MAX_JOBS):
-        ptrs += [(f"src{j}", "*fp32"), (f"dst{j}", "*fp32"), (f"S{j}", "i32"), (f"K{j}", "i32"), (f"end{j}", "i32")]
-    return P.KernelSpec(finish_ops._finish_kernel, tuple(ptrs),
+        args += [(f"dst{j}", "*fp32"), (f"off{j}", "i32"), (f"S{j}", "i32"), (f"K{j}", "i32"), (f"end{j}", "i32")]
+    # Offsets are multiples of 16 elements where the launchers lay the partials out (plan_partials).
+    divisible = tuple(n for n, t in args if t.startswith("*") or n.startswith("off"))
+    return P.KernelSpec(finish_ops._finish_kernel, tuple(args),
                         (("NUM_JOBS", jobs), ("BLOCK_S", finish_ops.BLOCK_S), ("BLOCK_K", finish_ops.BLOCK_K)),
-                        tuple(n for n, t in ptrs if t.startswith("*")), finish_ops.NUM_WARPS)
+                        divisible, finish_ops.NUM_WARPS)
 
 
 def _finish_cost(side: int, outputs: int, gpu: perfmodel.GPUModel) -> perfmodel.LaunchCost:

@@ -241,8 +241,10 @@ def test_models_bench_with_stand_in(tmp_path):
     # Off CUDA the kernel-only modes are listed with the reason they did not run.
     skipped = {(r["norm"], r["mode"]): r["reason"] for r in sec["rows"] if r["status"] != "ok"}
     assert set(skipped) == {("dyt", "compiled-kernel"), ("layernorm", "compiled-kernel"),
-                            ("dyt", "reduce-overhead"), ("layernorm", "reduce-overhead")}, skipped
+                            ("dyt", "reduce-overhead"), ("layernorm", "reduce-overhead"),
+                            ("dyt", "eager-graphs"), ("layernorm", "eager-graphs")}, skipped
     assert "needs CUDA" in skipped[("dyt", "reduce-overhead")]
+    assert "needs CUDA" in skipped[("dyt", "eager-graphs")]
     assert "norm=dyt" in skipped[("layernorm", "compiled-kernel")]
     for r in rows:
         assert r["steps_per_s"] > 0 and r["kernel_ms_per_step"] > 0
@@ -319,5 +321,6 @@ def test_host_bench_on_cpu(tmp_path):
     for op, eager in (("dyt", "eager DyT (3 ops)"), ("dyt_modulate", "eager DyT + modulate")):
         for mode in ("fwd", "fwd+bwd"):
             assert (op, mode, "ours") in keys and (op, mode, eager) in keys
+    assert ("dyt", "no_grad", "ours") in keys and ("dyt", "no_grad", "eager DyT (3 ops)") in keys
     assert all(r["us_per_call"] > 0 for r in sec["rows"])
     assert "## Host time per call" in next(tmp_path.glob("*.md")).read_text()

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import direct
 from . import plan as P
-from .finish import finish
+from .finish import launch_finish, plan_finish
 from .primitives import (TANH_APPROX, TANH_F32, channel_cols, load_channels, load_row_vector, load_tile,
                          row_offsets, tanh_f32)
 
@@ -229,7 +230,7 @@ class BackwardPlan:
     index64: bool
     programs_per_sm: int
     spec: P.KernelSpec
-    part_stride: int       # fp32 elements per partial stream (programs * K)
+    part_stride: int       # fp32 elements per partial stream (programs * K, rounded up to 16)
     K: int                 # partial sums per program: N, or M if per_row
     rows: int              # M
 
@@ -278,7 +279,7 @@ def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tupl
          ("M", "i32"), ("N", "i32"), ("C", "i32"), ("stride_dym", "i32"), ("stride_xm", "i32"),
          ("stride_dxm", "i32"), ("steps", "i32"), ("part_stride", "i32")),
         _constexprs(flags, dtype, props, index64, tile),
-        ("dy_ptr", "x_ptr", "dx_ptr", "alpha_ptr", "w_ptr", "part_ptr") + _divisible(
+        ("dy_ptr", "x_ptr", "dx_ptr", "alpha_ptr", "w_ptr", "part_ptr", "part_stride") + _divisible(
             {"M": M, "N": N, "C": C, "stride_dym": N, "stride_xm": N, "stride_dxm": N}),
         tile.num_warps)
     if flags.per_row:
@@ -289,7 +290,7 @@ def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tupl
     if per_sm < 1:
         raise RuntimeError(f"dyt backward tile {tile} does not fit one SM of {props.name}")
     programs, steps = P.split_reduction(tiles, blocks, per_sm, props)
-    part_stride = max(programs * K, programs * blocks)
+    part_stride = P.round_up(max(programs * K, programs * blocks), 16)   # aligned partial streams
     return BackwardPlan(tile, blocks, programs, steps, programs * blocks, index64, per_sm, spec, part_stride, K, M)
 
 
@@ -379,7 +380,19 @@ def _forward_launch(key) -> P.Launch:
 def _backward_launch(key) -> P.Launch:
     M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device = key
     p = plan_backward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device))
-    return _BWD.add(key, P.launch_of(p, p.spec, p.grid))
+    return _BWD.add(key, P.launch_of(p, p.spec, p.grid, _finish_plan(p, M, C, has_w, has_b, apc, per_row)))
+
+
+def _finish_plan(p: BackwardPlan, M: int, C: int, has_w: bool, has_b: bool, apc: bool, per_row: bool):
+    """The channel sums: partials are (programs * rows-per-channel, C) matrices, one stream per
+    gradient at part_stride apart (per_row: rows are n*C + c); a scalar alpha's are one per program.
+    Jobs in the order dweight, dbias, dalpha (the launcher passes the gradients in that order)."""
+    S = p.programs * (M // C if per_row else 1)
+    jobs = [(0, 1, S, C)] if has_w else []
+    if has_b:
+        jobs.append((p.part_stride, 1, S, C))
+    jobs.append((2 * p.part_stride, 1, S, C) if apc else (2 * p.part_stride, 1, p.grid, 1))
+    return plan_finish(jobs)
 
 
 def _key(x2: Tensor, C: int, x: Tensor, alpha: Tensor, weight, bias, per_row: bool) -> tuple:
@@ -393,13 +406,16 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
             launch=None, slot: list | None = None) -> Tensor:
     """y = dyt(x) with one launch; `launch` wraps the kernel (wrap_triton inside custom ops). `slot`,
     from functional.py, remembers this argument signature's launch configurations between calls."""
-    if slot is not None and slot[0] is not None and slot[2]:
-        # A validated signature with contiguous channels-last x: its rows are x itself, the launch known.
+    if slot is not None and slot[0] is not None and slot[2] and launch is None:
+        # A validated signature with contiguous channels-last x: its rows are x itself, the launch known
+        # and its integers fixed, so a direct launch (direct.py) while the inputs stay aligned.
         y = torch.empty_like(x)
         cfg = slot[0]
-        M, N = cfg.plan.rows, cfg.plan.cols
-        (_dyt_fwd_kernel if launch is None else launch(_dyt_fwd_kernel))[cfg.grid](
-            x, y, alpha, x if weight is None else weight, x if bias is None else bias, M, N, N, N, N, **cfg.kwargs)
+        N = cfg.plan.cols
+        w = x if weight is None else weight
+        b = x if bias is None else bias
+        direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
+                      (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N), (x, alpha, w, b))
         return y
     if channels_last:
         C = x.shape[-1]
@@ -418,9 +434,8 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         x2, y2 = as_rows(x, layout, C), as_rows(y, layout, C)
     M, N = x2.shape
     cfg = P.cached_launch(slot, 0, _FWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row), _forward_launch)
-    (_dyt_fwd_kernel if launch is None else launch(_dyt_fwd_kernel))[cfg.grid](
-        x2, y2, alpha, x2 if weight is None else weight, x2 if bias is None else bias,
-        M, N, C, x2.stride(0), y2.stride(0), **cfg.kwargs)
+    P.run(_dyt_fwd_kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
+          x2 if bias is None else bias, M, N, C, x2.stride(0), y2.stride(0))
     return y
 
 
@@ -429,10 +444,12 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
     if slot is not None and slot[1] is not None and slot[2] and dy.is_contiguous():
         # A validated signature with contiguous channels-last x and dy: rows are the tensors themselves.
-        cfg, layout = slot[1], _CHANNELS_LAST
+        cfg, fixed = slot[1], launch is None
         p = cfg.plan
-        x2, dy2, dx2 = x, dy, torch.empty_like(x)
-        M, N, C, dx = p.rows, p.K, p.K, dx2
+        x2, dy2, dx = x, dy, torch.empty_like(x)
+        dx2 = dx
+        M, N = p.rows, p.K
+        C = N
         strides = (N, N, N)   # the tensors may have more dims than (M, N): their row stride is N
     else:
         C = x.shape[-1] if channels_last else x.shape[1]
@@ -446,24 +463,16 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         strides = (dy2.stride(0), x2.stride(0), dx2.stride(0))
         cfg = P.cached_launch(slot, 1, _BWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row),
                               _backward_launch)
-        p = cfg.plan
-    part = torch.empty((3, p.part_stride), dtype=torch.float32, device=x.device)
+        p, fixed = cfg.plan, False
+    part = torch.empty(3 * p.part_stride, dtype=torch.float32, device=x.device)
     da = torch.empty_like(alpha)
     dw = None if weight is None else torch.empty_like(weight)
     db = None if bias is None else torch.empty_like(bias)
-    (_dyt_bwd_kernel if launch is None else launch(_dyt_bwd_kernel))[cfg.grid](
-        dy2, x2, dx2, alpha, x2 if weight is None else weight, part,
-        M, N, C, *strides, p.steps, p.part_stride, **cfg.kwargs)
-    # Channel sums: the partials are (programs * rows-per-channel, C) matrices (rows = n*C + c per row).
-    S = p.programs * (M // C if layout.per_row else 1)
-    jobs = []
-    if dw is not None:
-        jobs.append((part[0], dw, 1, S, C))
-    if db is not None:
-        jobs.append((part[1], db, 1, S, C))
-    if alpha.numel() > 1:
-        jobs.append((part[2], da, 1, S, C))
+    w = x2 if weight is None else weight
+    args = (dy2, x2, dx2, alpha, w, part, M, N, C, *strides, p.steps, p.part_stride)
+    if fixed:   # the integers are the plan's: a direct launch while the inputs stay aligned
+        direct.launch(_dyt_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, (dy2, x2, alpha, w))
     else:
-        jobs.append((part[2], da, 1, p.grid, 1))
-    finish(jobs, launch)
+        P.run(_dyt_bwd_kernel, cfg, launch, *args)
+    launch_finish(cfg.finish, part, [g for g in (dw, db, da) if g is not None], launch)
     return dx, da, dw, db

@@ -40,7 +40,7 @@ from torch import Tensor
 from ..reference import per_token
 from . import plan as P
 from .dyt import MAX_BLOCK_N as _FWD_MAX_BLOCK_N, rows_view, tanh_mode
-from .finish import finish
+from .finish import launch_finish, plan_finish
 from .primitives import channel_cols, load_channels, row_offsets, tanh_f32
 
 
@@ -142,8 +142,8 @@ def _modulate_bwd_kernel(
     dscale_tok,  # (B*L, D) output dscale if SCALE_PER_TOKEN
     dgate_tok,   # (B*L, D) output dgate if GATE_PER_TOKEN
     dshift_ptr, dscale_ptr, dgate_ptr,  # (B, D) per-sample gradients, written directly unless SPLIT
-    sample_part,   # (3, B*S*D) fp32 partials of dshift, dscale, dgate when SPLIT
-    channel_part,  # (3, channel_stride) fp32 partials of dw, db, da (scalar alpha: one per program)
+    part,        # fp32 partials: (3, sample_stride) of dshift, dscale, dgate (B*S*D each, when SPLIT),
+                 # then (3, channel_stride) of dw, db, da (scalar alpha: one per program)
     N, L, S, TPC, U, units,   # channels; tokens; chunks per sample; tiles per chunk; units per program; B*S
     stride_dhm, stride_drm, stride_rm, stride_xm, stride_drtm, stride_dxm,
     stride_gb, stride_gl, stride_scb, stride_scl,
@@ -158,6 +158,8 @@ def _modulate_bwd_kernel(
     col_blocks = tl.cdiv(N, BLOCK_N)
     block = pid % col_blocks
     g = pid // col_blocks
+    sample_part = part
+    channel_part = part + 3 * sample_stride.to(tl.int64)
     cols = channel_cols(block, BLOCK_N)
     col_ok = cols < N
     if ALPHA_PER_CHANNEL:
@@ -344,6 +346,8 @@ class BackwardPlan:
     index64: bool
     programs_per_sm: int
     spec: P.KernelSpec
+    sample_stride: int     # fp32 elements per per-sample partial stream (B*S*D when split; 16-aligned)
+    channel_stride: int    # fp32 elements per per-channel partial stream (16-aligned)
 
     @property
     def split(self) -> bool:
@@ -420,12 +424,11 @@ def plan_backward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, fla
     r_t, gate_t, scale_t, alpha_t, w_t, b_t, shift_t = dtypes
     ints = {"N": D, "L": L, "S": 1, "TPC": 1, "U": 1, "units": 1, "stride_dhm": D, "stride_drm": D,
             "stride_rm": D, "stride_xm": D, "stride_drtm": D, "stride_dxm": D, "stride_gb": D, "stride_gl": D,
-            "stride_scb": D, "stride_scl": D, "sample_stride": 1, "channel_stride": 1}
+            "stride_scb": D, "stride_scl": D, "sample_stride": 16, "channel_stride": 16}  # strides: partials()
     ptrs = (("dh_ptr", dtype), ("dr_ptr", r_t), ("r_ptr", r_t), ("x_ptr", dtype), ("gate_ptr", gate_t),
             ("scale_ptr", scale_t), ("alpha_ptr", alpha_t), ("w_ptr", w_t), ("b_ptr", b_t), ("drt_ptr", r_t),
             ("dx_ptr", dtype), ("dscale_tok", scale_t), ("dgate_tok", gate_t), ("dshift_ptr", shift_t),
-            ("dscale_ptr", scale_t), ("dgate_ptr", gate_t), ("sample_part", torch.float32),
-            ("channel_part", torch.float32))
+            ("dscale_ptr", scale_t), ("dgate_ptr", gate_t), ("part", torch.float32))
     T = P.cdiv(L, tile.block_m)
     col_blocks = P.cdiv(D, tile.block_n)
 
@@ -447,7 +450,11 @@ def plan_backward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, fla
     slots = max(1, (per_sm * props.sm_count) // col_blocks)
     S, tpc, U, programs = choose_split(B, T, slots)
     spec = spec_for(S > 1)
-    return BackwardPlan(tile, col_blocks, programs, S, tpc, U, programs * col_blocks, index64, per_sm, spec)
+    grid = programs * col_blocks
+    sample_stride = P.round_up(B * S * D if S > 1 else 1, 16)
+    channel_stride = P.round_up(max(programs * D, grid), 16)
+    return BackwardPlan(tile, col_blocks, programs, S, tpc, U, grid, index64, per_sm, spec, sample_stride,
+                        channel_stride)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,8 +502,31 @@ def _forward_launch(key) -> P.Launch:
 
 def _backward_launch(key) -> P.Launch:
     B, L, D, dtype, *dtypes = key[:11]
-    p = plan_backward(B, L, D, dtype, tuple(dtypes), BwdFlags(*key[11:21]), P.device_props(key[21]))
-    return _BWD.add(key, P.launch_of(p, p.spec, p.grid))
+    flags = BwdFlags(*key[11:21])
+    p = plan_backward(B, L, D, dtype, tuple(dtypes), flags, P.device_props(key[21]))
+    return _BWD.add(key, P.launch_of(p, p.spec, p.grid, _finish_plan(p, flags, B, D)))
+
+
+def _finish_plan(p: BackwardPlan, flags: BwdFlags, B: int, D: int):
+    """The finishing jobs, in the order the launcher passes gradients: dweight, dbias, dalpha (per
+    channel: programs rows of D; a scalar alpha: one number per program), then when split dshift,
+    dscale, dgate (per sample: chunks rows of D), each present and not per token."""
+    channel = 3 * p.sample_stride
+    jobs = [(channel, 1, p.programs, D)] if flags.has_weight else []
+    if flags.has_bias:
+        jobs.append((channel + p.channel_stride, 1, p.programs, D))
+    jobs.append((channel + 2 * p.channel_stride, 1, p.programs, D) if flags.alpha_per_channel
+                else (channel + 2 * p.channel_stride, 1, p.grid, 1))
+    if p.split:
+        for i, on in enumerate(_sample_sums(flags)):
+            if on:
+                jobs.append((i * p.sample_stride, B, p.chunks, D))
+    return plan_finish(jobs)
+
+
+def _sample_sums(flags: BwdFlags) -> tuple:
+    """Which of dshift, dscale, dgate are per-sample sums (present, not per token)."""
+    return (not flags.shift_per_token, not flags.scale_per_token, flags.has_gate and not flags.gate_per_token)
 
 
 def _mod_strides(m: Tensor | None, L: int) -> tuple[Tensor | None, int, int]:
@@ -532,11 +562,11 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
            _dt(weight, alpha.dtype), _dt(bias, alpha.dtype), residual is not None, gate is not None,
            weight is not None, bias is not None, alpha.numel() > 1, x.device)
     cfg = _FWD.get(key) or _forward_launch(key)
-    (_modulate_fwd_kernel if launch is None else launch(_modulate_fwd_kernel))[cfg.grid](
-        x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
-        x2 if weight is None else weight, x2 if bias is None else bias, h2, r2,
-        B * L, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0),
-        sgb, sgl, sshb, sshl, sscb, sscl, **cfg.kwargs)
+    P.run(_modulate_fwd_kernel, cfg, launch,
+          x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
+          x2 if weight is None else weight, x2 if bias is None else bias, h2, r2,
+          B * L, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0),
+          sgb, sgl, sshb, sshl, sscb, sscl)
     return h, r
 
 
@@ -575,33 +605,19 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
            weight is not None, bias is not None, alpha.numel() > 1, shift_tok, scale_tok, gate_tok, dev)
     cfg = _BWD.get(key) or _backward_launch(key)
     p = cfg.plan
-    units = B * p.chunks
-    sample_part = torch.empty((3, units * D if p.split else 1), dtype=torch.float32, device=dev)
-    channel_stride = max(p.programs * D, p.grid)
-    channel_part = torch.empty((3, channel_stride), dtype=torch.float32, device=dev)
+    part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
     tok = lambda t: drt2 if t is None or not per_token(t, L) else t.view(-1, D)  # noqa: E731
-    flat = lambda t: sample_part if t is None or per_token(t, L) else t  # noqa: E731
-    (_modulate_bwd_kernel if launch is None else launch(_modulate_bwd_kernel))[cfg.grid](
-        dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
-        x2 if weight is None else weight, x2 if bias is None else bias,
-        drt2, dx2, tok(dscale if scale_tok else None), tok(dgate if gate_tok else None),
-        flat(dshift), flat(None if scale_tok else dscale), flat(None if gate_tok else dgate),
-        sample_part, channel_part,
-        D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, units,
-        dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
-        sgb, sgl, sscb, sscl, sample_part.shape[1], channel_stride, **cfg.kwargs)
-    jobs = []
-    if dw is not None:
-        jobs.append((channel_part[0], dw, 1, p.programs, D))
-    if db is not None:
-        jobs.append((channel_part[1], db, 1, p.programs, D))
-    if alpha.numel() > 1:
-        jobs.append((channel_part[2], da, 1, p.programs, D))
-    else:
-        jobs.append((channel_part[2], da, 1, p.grid, 1))
+    flat = lambda t: part if t is None or per_token(t, L) else t  # noqa: E731
+    P.run(_modulate_bwd_kernel, cfg, launch,
+          dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
+          x2 if weight is None else weight, x2 if bias is None else bias,
+          drt2, dx2, tok(dscale if scale_tok else None), tok(dgate if gate_tok else None),
+          flat(dshift), flat(None if scale_tok else dscale), flat(None if gate_tok else dgate), part,
+          D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, B * p.chunks,
+          dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
+          sgb, sgl, sscb, sscl, p.sample_stride, p.channel_stride)
+    dsts = [g for g in (dw, db, da) if g is not None]
     if p.split:
-        for i, dst in enumerate((dshift, None if scale_tok else dscale, None if gate_tok else dgate)):
-            if dst is not None:
-                jobs.append((sample_part[i], dst, B, p.chunks, D))
-    finish(jobs, launch)
+        dsts += [g for g in (dshift, None if scale_tok else dscale, None if gate_tok else dgate) if g is not None]
+    launch_finish(cfg.finish, part, dsts, launch)
     return grads

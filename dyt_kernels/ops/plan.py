@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,10 @@ INT32_LIMIT = 2 ** 31
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return cdiv(n, multiple) * multiple
 
 
 def next_pow2(n: int) -> int:
@@ -270,7 +274,11 @@ class Launch:
     the kernel's keyword arguments (constexprs and num_warps), next to the plan they came from."""
     plan: object
     grid: tuple
-    kwargs: dict
+    kwargs: dict            # constexprs by name and the compile options (num_warps, maxnreg)
+    consts: tuple = ()      # the constexpr values in the kernel's order (they are its last parameters)
+    options: dict = field(default_factory=dict, hash=False, compare=False)   # the compile options alone
+    finish: object = None   # a backward's finishing launch (finish.FinishPlan)
+    runners: dict = field(default_factory=dict, hash=False, compare=False)   # direct.py's, by device
 
 
 class BoundedCache(dict):
@@ -286,8 +294,21 @@ class BoundedCache(dict):
 
 
 
-def launch_of(plan, spec: KernelSpec, grid: int) -> Launch:
-    return Launch(plan, (grid,), spec.launch_kwargs())
+def launch_of(plan, spec: KernelSpec, grid: int, finish=None) -> Launch:
+    kwargs = spec.launch_kwargs()
+    consts, options = positional_constexprs(spec.kernel, kwargs)
+    return Launch(plan, (grid,), kwargs, consts, options, finish)
+
+
+def positional_constexprs(kernel, kwargs: dict) -> tuple[tuple, dict]:
+    """(constexpr values in parameter order, the rest): the kernel's constexprs are its last
+    parameters, so a launch passes them positionally after the runtime arguments, which halves what
+    Triton's launcher spends binding them by name."""
+    names = list(kernel.arg_names)
+    consts = [n for n in names if n in kwargs]
+    if consts != names[len(names) - len(consts):]:
+        raise ValueError(f"{kernel.__name__}: the constexprs {consts} must be its last parameters")
+    return tuple(kwargs[n] for n in consts), {k: v for k, v in kwargs.items() if k not in consts}
 
 
 def cached_launch(slot: list | None, index: int, cache: BoundedCache, key_of, make) -> Launch:
@@ -300,3 +321,12 @@ def cached_launch(slot: list | None, index: int, cache: BoundedCache, key_of, ma
         if slot is not None:
             slot[index] = launch
     return launch
+
+
+def run(kernel, cfg: Launch, launch, *args) -> None:
+    """Launch `kernel` with a cached configuration: `kernel.run` directly (what `kernel[grid]` would
+    call after building a closure), or through `launch` (wrap_triton inside custom ops)."""
+    if launch is None:
+        kernel.run(*args, *cfg.consts, grid=cfg.grid, warmup=False, **cfg.options)
+    else:
+        launch(kernel)[cfg.grid](*args, **cfg.kwargs)

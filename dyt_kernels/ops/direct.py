@@ -1,0 +1,79 @@
+"""Direct launches: the compiled kernel of a cached launch configuration, called without Triton's JIT
+launcher.
+
+`kernel.run(...)` (what `kernel[grid](...)` calls) binds every argument, works out its specialization
+(each pointer's 16-byte alignment, each integer's divisibility), hashes that into a cache key and
+looks the compiled kernel up, on every call: several µs of Python per launch, which at the seed's
+shapes is more than the kernel's GPU time. Where a launch's integers are fixed by its configuration
+(the validated-signature paths of dyt and every finishing launch), only the pointers' alignment can
+change its specialization. So the first launch goes through the JIT launcher, which returns the
+CompiledKernel; while the pointers that can vary stay 16-byte aligned, later launches call that
+kernel's own launcher (`compiled[grid]`, Triton's runner: the same stream, launch hooks and
+argument protocol as the JIT launcher's last step), keyed by the current device.
+
+Fail-safe: any exception from a direct launch (a Triton whose launcher protocol differs) turns
+direct launches off for the process with one warning and repeats the launch through the JIT
+launcher; a launcher rejects a wrong argument list before it launches anything, and every kernel
+launched this way overwrites its outputs (no accumulation), so even a repeat is harmless.
+DYT_KERNELS_DIRECT_LAUNCH=0 (read at import) turns them off. Never under the interpreter.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..backend import INTERPRETER
+
+ENABLED = not INTERPRETER and os.environ.get("DYT_KERNELS_DIRECT_LAUNCH", "1") not in ("0", "")
+_state = {"on": ENABLED}
+
+
+def enabled() -> bool:
+    return _state["on"]
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn direct launches on or off (tests compare both paths); returns the previous setting."""
+    previous, _state["on"] = _state["on"], bool(on)
+    return previous
+
+
+# The device Triton's launcher compiles and launches for (its driver asks torch.cuda.current_device);
+# the raw query skips the lazy-init check, CUDA being initialized by the JIT launch that came first.
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+
+def launch(kernel, grid: tuple, consts: tuple, options: dict, cache: dict, args: tuple, inputs: tuple = ()) -> None:
+    """Launch `kernel` on `args` (its runtime arguments; `consts` its constexprs, in order).
+
+    `cache` is the launch configuration's own dict (device -> runner); `inputs` are the pointer
+    arguments that can differ in alignment between calls of this configuration (the caller's
+    tensors; fresh allocations are always aligned). Calls where one is not 16-byte aligned, or that
+    come while direct launches are off, take the JIT launcher."""
+    if _state["on"] and is_aligned(*inputs):
+        device = _current_device()
+        runner = cache.get(device)
+        if runner is not None:
+            try:
+                runner(*args, *consts)
+                return
+            except Exception as e:  # noqa: BLE001 - any failure: off for good, then the JIT launcher
+                _state["on"] = False
+                cache.clear()
+                warnings.warn(f"dyt_kernels: direct kernel launches are off for this process ({type(e).__name__}: "
+                              f"{e}); launches go through Triton's JIT launcher", RuntimeWarning, stacklevel=3)
+        compiled = kernel.run(*args, *consts, grid=grid, warmup=False, **options)
+        if compiled is not None and _state["on"] and hasattr(compiled, "__getitem__"):
+            cache[device] = compiled[grid]
+        return
+    kernel.run(*args, *consts, grid=grid, warmup=False, **options)
+
+
+def is_aligned(*tensors) -> bool:
+    """Whether every tensor's data pointer is 16-byte aligned (what Triton specializes pointers on)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits & 15 == 0

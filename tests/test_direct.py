@@ -1,0 +1,223 @@
+"""Direct launches (dyt_kernels/ops/direct.py): the cached compiled kernel's own launcher in place of
+Triton's JIT launcher, for launches whose integers are fixed by their configuration.
+
+On CPU the plumbing is checked against a stand-in kernel that records every call: which launcher
+runs, with which arguments, when a call falls back, and the fail-safe. On a GPU the real thing:
+every eager fast path (dyt forward, backward and the finishing launch; modulate's finishing launch)
+gives bitwise the results of the JIT launcher, and the direct path was really taken.
+"""
+import warnings
+
+import pytest
+import torch
+
+from dyt_kernels.ops import direct
+
+
+class _Compiled:
+    """What Triton's JIT launcher returns: indexing by grid gives the kernel's own runner."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        def runner(*args):
+            self.log.append(("direct", grid, args))
+        return runner
+
+
+class _Kernel:
+    def __init__(self):
+        self.log = []
+
+    def run(self, *args, grid, warmup, **options):
+        self.log.append(("jit", grid, args, warmup, options))
+        return _Compiled(self.log)
+
+
+@pytest.fixture
+def on(monkeypatch):
+    monkeypatch.setattr(direct, "_current_device", lambda: 0)
+    previous = direct.set_enabled(True)
+    yield
+    direct.set_enabled(previous)
+
+
+def _launch(kernel, cache, inputs, args=("a", 3)):
+    direct.launch(kernel, (7,), (True, 16), {"num_warps": 4}, cache, args, inputs)
+
+
+def test_first_call_jit_then_direct_with_the_same_arguments(on):
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    _launch(k, cache, (t,))
+    _launch(k, cache, (t,))
+    assert k.log[0] == ("jit", (7,), ("a", 3, True, 16), False, {"num_warps": 4})
+    assert k.log[1] == ("direct", (7,), ("a", 3, True, 16))   # constexprs follow, as the JIT launcher binds them
+    assert list(cache) == [0]
+
+
+def test_misaligned_input_takes_the_jit_launcher(on):
+    k, cache = _Kernel(), {}
+    aligned, odd = torch.empty(8), torch.empty(9)[1:]
+    assert odd.data_ptr() % 16 != 0
+    _launch(k, cache, (aligned,))
+    _launch(k, cache, (aligned, odd))
+    assert [e[0] for e in k.log] == ["jit", "jit"]
+    _launch(k, cache, (odd,))   # never cached from a misaligned call either
+    assert [e[0] for e in k.log] == ["jit", "jit", "jit"]
+
+
+def test_runners_are_per_device(on, monkeypatch):
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    _launch(k, cache, (t,))
+    monkeypatch.setattr(direct, "_current_device", lambda: 1)
+    _launch(k, cache, (t,))
+    _launch(k, cache, (t,))
+    assert [e[0] for e in k.log] == ["jit", "jit", "direct"] and sorted(cache) == [0, 1]
+
+
+def test_a_failing_runner_turns_direct_launches_off_and_relaunches(on):
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    _launch(k, cache, (t,))
+
+    def broken(*args):
+        raise TypeError("function takes exactly 12 arguments (14 given)")
+    cache[0] = broken
+    with pytest.warns(RuntimeWarning, match="direct kernel launches are off.*TypeError.*14 given"):
+        _launch(k, cache, (t,))
+    assert [e[0] for e in k.log] == ["jit", "jit"] and not direct.enabled() and not cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # one warning, not one per call
+        _launch(k, cache, (t,))
+    assert [e[0] for e in k.log] == ["jit", "jit", "jit"] and not cache
+
+
+def test_off_means_jit_always(on):
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    direct.set_enabled(False)
+    for _ in range(3):
+        _launch(k, cache, (t,))
+    assert [e[0] for e in k.log] == ["jit"] * 3 and not cache
+
+
+def test_never_under_the_interpreter():
+    from dyt_kernels.backend import INTERPRETER
+    if INTERPRETER:
+        assert not direct.ENABLED
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU: the direct path against the JIT launcher, bitwise.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need CUDA")
+
+
+def _dyt_case(dtype, weight, bias):
+    import dyt_kernels as dk
+    x = torch.randn(4, 37, 384, device="cuda", dtype=dtype, requires_grad=True)
+    a = torch.tensor([0.7], device="cuda", requires_grad=True)
+    w = torch.randn(384, device="cuda", requires_grad=True) if weight else None
+    b = torch.randn(384, device="cuda", requires_grad=True) if bias else None
+    dy = torch.randn_like(x)
+    leaves = [t for t in (x, a, w, b) if t is not None]
+
+    def run():
+        y = dk.dyt(x, a, w, b)
+        return (y, *torch.autograd.grad(y, leaves, dy))
+    return run
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight,bias", [(True, True), (False, False), (True, False)])
+def test_direct_matches_jit_bitwise_on_gpu(dtype, weight, bias):
+    from dyt_kernels.ops import dyt as dyt_ops
+    run = _dyt_case(dtype, weight, bias)
+    previous = direct.set_enabled(False)
+    try:
+        ref = run()
+        direct.set_enabled(True)
+        for _ in range(3):   # the first call caches the runners, the later ones use them
+            got = run()
+        assert direct.enabled(), "a direct launch failed and turned itself off (see the warning)"
+        used = [c for c in list(dyt_ops._FWD.values()) + list(dyt_ops._BWD.values()) if c.runners]
+        assert used, "no launch configuration holds a runner: the direct path was never taken"
+        for r, g in zip(ref, got):
+            assert torch.equal(r, g)
+    finally:
+        direct.set_enabled(previous)
+
+
+@cuda
+def test_direct_modulate_finish_matches_jit_on_gpu():
+    import dyt_kernels as dk
+    x, res = (torch.randn(3, 64, 256, device="cuda", requires_grad=True) for _ in range(2))
+    shift, scale, gate = (torch.randn(3, 256, device="cuda", requires_grad=True) for _ in range(3))
+    a, w, b = (torch.randn(n, device="cuda", requires_grad=True) for n in (1, 256, 256))
+    leaves = (x, res, shift, scale, gate, a, w, b)
+    dh, dr = torch.randn_like(x), torch.randn_like(x)
+
+    def run():
+        h, r = dk.dyt_modulate(x, a, shift, scale, w, b, residual=res, gate=gate)
+        return (h, r, *torch.autograd.grad((h, r), leaves, (dh, dr)))
+    previous = direct.set_enabled(False)
+    try:
+        ref = run()
+        direct.set_enabled(True)
+        for _ in range(3):
+            got = run()
+        assert direct.enabled()
+        for r, g in zip(ref, got):
+            assert torch.equal(r, g)
+    finally:
+        direct.set_enabled(previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# What every launch path shares: constexprs passed positionally, finishing launches planned once.
+
+def test_constexprs_go_positionally_in_parameter_order():
+    from dyt_kernels.ops import dyt as dyt_ops
+    from dyt_kernels.ops.plan import positional_constexprs
+    kernel = dyt_ops._dyt_fwd_kernel
+    consts, options = positional_constexprs(kernel, {"BLOCK_N": 8, "HAS_WEIGHT": True, "HAS_BIAS": False,
+                                                     "ALPHA_PER_CHANNEL": False, "PER_ROW": False, "TANH": 1,
+                                                     "INDEX_64": False, "BLOCK_M": 4, "num_warps": 2})
+    assert consts == (True, False, False, False, 1, False, 4, 8) and options == {"num_warps": 2}
+    with pytest.raises(ValueError, match="_dyt_fwd_kernel: the constexprs .*'M'.* must be its last parameters"):
+        positional_constexprs(kernel, {"M": 3, "BLOCK_N": 8})
+
+
+@pytest.mark.parametrize("jobs", [0, 7])
+def test_finish_plan_takes_one_to_six_jobs(jobs):
+    from dyt_kernels.ops.finish import plan_finish
+    with pytest.raises(ValueError, match=f"1 to 6 jobs, got {jobs}"):
+        plan_finish([(0, 1, 4, 8)] * jobs)
+
+
+def test_finish_plan_deals_program_ids_in_job_order():
+    from dyt_kernels.ops.finish import BLOCK_K, plan_finish
+    fp = plan_finish([(0, 1, 5, 300), (320, 2, 3, 16), (400, 1, 9, 1)])
+    blocks = -(-300 // BLOCK_K)
+    assert fp.jobs == ((0, 5, 300, blocks), (320, 3, 16, blocks + 2), (400, 9, 1, blocks + 3))
+    assert fp.grid == (blocks + 3,) and fp.consts[0] == 3
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (300, 33), (4096, 384), (5, 1)])
+def test_partials_start_16_aligned(shape):
+    """The finishing kernel is compiled (and inspected) with every job offset divisible by 16."""
+    from dyt_kernels.ops import dyt as dyt_ops
+    from dyt_kernels.ops import modulate as mod_ops
+    M, N = shape
+    for per_row in (False, True):
+        key = (M, N, N if not per_row else max(M // 2, 1), torch.float32, torch.float32, torch.float32,
+               torch.float32, True, True, False, per_row, torch.device("cpu"))
+        if per_row and M % key[2]:
+            continue
+        cfg = dyt_ops._backward_launch(key)
+        assert all(off % 16 == 0 for off, *_ in cfg.finish.jobs), cfg.finish.jobs
+    B, L, D = 3, M, N
+    flags = (True, True, True, True, True, True, False, False, False, False)
+    cfg = mod_ops._backward_launch((B, L, D, torch.float32, *[torch.float32] * 7, *flags, torch.device("cpu")))
+    assert cfg.plan.sample_stride % 16 == 0 and cfg.plan.channel_stride % 16 == 0
+    assert all(off % 16 == 0 for off, *_ in cfg.finish.jobs), cfg.finish.jobs
