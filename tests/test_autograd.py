@@ -125,3 +125,24 @@ def test_modulate_double_backward():
         (gx_t,) = torch.autograd.grad(dyt_modulate(x, 0.5, s, s).pow(2).sum(), x, create_graph=True)
         (gs_t,) = torch.autograd.grad(gx_t.pow(2).sum(), s)
     torch.testing.assert_close(gs, gs_t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last,shape", [(True, (3, 5, 40)), (False, (2, 6, 3, 5)), (True, (0, 7))])
+def test_no_grad_forward_skips_the_function_and_matches(device, channels_last, shape):
+    """Under no_grad / inference_mode the eager path launches the forward without an autograd.Function
+    (sampling pays no graph bookkeeping): same values as the recording path, bitwise, and nothing
+    recorded."""
+    C = shape[-1] if channels_last else shape[1]
+    x = torch.randn(shape, device=device)
+    a, w, b = torch.tensor([0.7], device=device), torch.randn(C, device=device), torch.randn(C, device=device)
+    with use_backend("triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, a, w, b)]
+        recorded = dyt(*leaves, channels_last=channels_last)
+        assert recorded.grad_fn is not None
+        for _ in range(2):   # the second call takes the validated-signature path
+            with torch.no_grad():
+                plain = dyt(*leaves, channels_last=channels_last)
+            with torch.inference_mode():
+                inferred = dyt(x, a, w, b, channels_last=channels_last)
+            assert plain.grad_fn is None and not plain.requires_grad and inferred.is_inference()
+            assert torch.equal(plain, recorded.detach()) and torch.equal(inferred, recorded.detach())

@@ -67,6 +67,31 @@ def test_misaligned_input_takes_the_jit_launcher(on):
     assert [e[0] for e in k.log] == ["jit", "jit", "jit"]
 
 
+def test_runners_are_per_integer_values_where_the_configuration_does_not_fix_them(on, monkeypatch):
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    for ints in ((3, 16), (3, 16), (3, 32), (3, 16), (3, 32)):
+        direct.launch(k, (7,), (True,), {}, cache, ("a", *ints), (t,), ints)
+    assert [e[0] for e in k.log] == ["jit", "direct", "jit", "direct", "direct"]
+    assert sorted(cache) == [(0, (3, 16)), (0, (3, 32))]
+    monkeypatch.setattr(direct, "MAX_RUNNERS", 2)
+    direct.launch(k, (7,), (True,), {}, cache, ("a", 3, 48), (t,), (3, 48))   # a third: the cache starts over
+    assert list(cache) == [(0, (3, 48))]
+
+
+def test_launch_configurations_pick_pointers_and_integers_from_the_spec():
+    from dyt_kernels.ops import dyt as dyt_ops
+    from dyt_kernels.ops import plan as P
+    cfg = dyt_ops._forward_launch((64, 384, 384, torch.float32, torch.float32, torch.float32, torch.float32,
+                                   True, True, False, False, torch.device("cpu")))
+    args = tuple(f"t{i}" for i in range(5)) + (64, 384, 384, 384, 384)
+    assert cfg.pointers(args) == args[:5] and cfg.integers(args) == args[5:]
+    spec = cfg.plan.spec
+    bad = P.KernelSpec(spec.kernel, spec.signature[1:], spec.constexprs, spec.divisible, spec.num_warps)
+    with pytest.raises(ValueError, match="_dyt_fwd_kernel: the spec's arguments"):
+        P.launch_of(cfg.plan, bad, 1)
+    assert P.picker([2])(("a", "b", "c")) == ("c",) and P.picker([])(("a",)) == ()
+
+
 def test_runners_are_per_device(on, monkeypatch):
     k, cache, t = _Kernel(), {}, torch.empty(8)
     _launch(k, cache, (t,))
@@ -167,6 +192,8 @@ def test_direct_modulate_finish_matches_jit_on_gpu():
         for _ in range(3):
             got = run()
         assert direct.enabled()
+        from dyt_kernels.ops import modulate as mod_ops
+        assert any(c.runners for c in list(mod_ops._FWD.values()) + list(mod_ops._BWD.values()))
         for r, g in zip(ref, got):
             assert torch.equal(r, g)
     finally:

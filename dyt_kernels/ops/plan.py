@@ -15,6 +15,7 @@ inspected is what runs. The rules (docs/PERFORMANCE.md explains the numbers):
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import re
 import subprocess
@@ -22,6 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
+
+from . import direct
 
 INT32_LIMIT = 2 ** 31
 
@@ -279,6 +282,8 @@ class Launch:
     options: dict = field(default_factory=dict, hash=False, compare=False)   # the compile options alone
     finish: object = None   # a backward's finishing launch (finish.FinishPlan)
     runners: dict = field(default_factory=dict, hash=False, compare=False)   # direct.py's, by device
+    pointers: object = None  # args -> the pointer arguments (tensors), from the spec's signature
+    integers: object = None  # args -> the integer arguments
 
 
 class BoundedCache(dict):
@@ -297,7 +302,23 @@ class BoundedCache(dict):
 def launch_of(plan, spec: KernelSpec, grid: int, finish=None) -> Launch:
     kwargs = spec.launch_kwargs()
     consts, options = positional_constexprs(spec.kernel, kwargs)
-    return Launch(plan, (grid,), kwargs, consts, options, finish)
+    names = [n for n, _ in spec.signature]
+    if names + [n for n in spec.kernel.arg_names if n in kwargs] != list(spec.kernel.arg_names):
+        raise ValueError(f"{spec.kernel.__name__}: the spec's arguments {names} are not its runtime parameters")
+    pointers = [i for i, (_, t) in enumerate(spec.signature) if t.startswith("*")]
+    integers = [i for i, (_, t) in enumerate(spec.signature) if not t.startswith("*")]
+    return Launch(plan, (grid,), kwargs, consts, options, finish, pointers=picker(pointers),
+                  integers=picker(integers))
+
+
+def picker(indices: list[int]):
+    """A function of a tuple giving the items at `indices` as a tuple (operator.itemgetter, in C)."""
+    if not indices:
+        return lambda args: ()
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*indices)
 
 
 def positional_constexprs(kernel, kwargs: dict) -> tuple[tuple, dict]:
@@ -324,9 +345,13 @@ def cached_launch(slot: list | None, index: int, cache: BoundedCache, key_of, ma
 
 
 def run(kernel, cfg: Launch, launch, *args) -> None:
-    """Launch `kernel` with a cached configuration: `kernel.run` directly (what `kernel[grid]` would
-    call after building a closure), or through `launch` (wrap_triton inside custom ops)."""
-    if launch is None:
-        kernel.run(*args, *cfg.consts, grid=cfg.grid, warmup=False, **cfg.options)
-    else:
+    """Launch `kernel` with a cached configuration: through `launch` (wrap_triton inside custom ops),
+    or a direct launch keyed by the integer arguments (direct.py; Triton's JIT launcher the first
+    time), or, with direct launches off, `kernel.run` (what `kernel[grid]` calls, minus a closure)."""
+    if launch is not None:
         launch(kernel)[cfg.grid](*args, **cfg.kwargs)
+    elif direct.enabled():
+        direct.launch(kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, cfg.pointers(args),
+                      cfg.integers(args))
+    else:
+        kernel.run(*args, *cfg.consts, grid=cfg.grid, warmup=False, **cfg.options)
