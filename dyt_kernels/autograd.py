@@ -98,11 +98,12 @@ def _save_modulate(ctx, x, r, alpha, shift, scale, weight, bias, gate):
     ctx.has_residual = r is not None
 
 
-def _modulate_backward(ctx, dh, dr, grads):
+def _modulate_backward(ctx, dh, dr, grads, **kwargs):
     """The Function's gradients from a `grads` with mod_ops.backward's signature and convention."""
     x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
     dx, dres, dgate, dshift, dscale, dw, db, da = grads(
-        dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
+        dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual,
+        **kwargs)
     return dx, da, _shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
 
 
@@ -112,17 +113,20 @@ def _reference_modulate(x, alpha, shift, scale, weight, bias, residual, gate):
 
 
 class DyTModulateFunction(torch.autograd.Function):
+    """Eager Triton path; `slot` carries the call signature's cached launches (functional.py)."""
+
     @staticmethod
-    def forward(ctx, x, alpha, shift, scale, weight, bias, residual, gate):
-        h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate)
+    def forward(ctx, x, alpha, shift, scale, weight, bias, residual, gate, slot):
+        h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate, None, slot)
         _save_modulate(ctx, x, r, alpha, shift, scale, weight, bias, gate)
+        ctx.slot = slot
         return h if r is None else (h, r)
 
     @staticmethod
     def backward(ctx, dh, dr=None):
-        # create_graph=True: the differentiable reference formulas (see DyTFunction.backward).
-        grads = reference.dyt_modulate_grads if torch.is_grad_enabled() else mod_ops.backward
-        return _modulate_backward(ctx, dh, dr, grads)
+        if torch.is_grad_enabled():   # create_graph=True: the differentiable reference formulas
+            return (*_modulate_backward(ctx, dh, dr, reference.dyt_modulate_grads), None)
+        return (*_modulate_backward(ctx, dh, dr, mod_ops.backward, slot=ctx.slot), None)
 
 
 class DyTModulateReference(torch.autograd.Function):

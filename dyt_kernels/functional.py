@@ -15,6 +15,7 @@ from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFu
                        DyTReference)
 from .backend import get_backend, use_triton
 from .ops import dyt as dyt_ops
+from .ops import modulate as mod_ops
 from .ops.plan import BoundedCache
 
 
@@ -127,8 +128,22 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     >>> h.shape, r.shape
     (torch.Size([2, 16, 384]), torch.Size([2, 16, 384]))
     """
-    shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
-    alpha = as_alpha(alpha, x, x.shape[2])
+    try:
+        sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
+               alpha.is_contiguous(), shift.shape, shift.dtype, shift.device, shift.is_contiguous(),
+               scale.shape, scale.dtype, scale.device, scale.is_contiguous(),
+               *_opt_sig(weight), *_opt_sig(bias), *_opt_sig(residual), *_opt_sig(gate))
+    except AttributeError:   # a Python-number alpha, or a wrong type the checks will name
+        sig = None
+    slot = _VALIDATED_MOD.get(sig)
+    if slot is None:
+        checked = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+        checked_alpha = as_alpha(alpha, x, x.shape[2])
+        if sig is not None and all(a is b for a, b in zip((*checked, checked_alpha),
+                                                          (shift, scale, weight, bias, gate, alpha))):
+            # [forward call, {has_dr: backward call}, every tensor contiguous] (ops/modulate.py fills it)
+            slot = _VALIDATED_MOD.add(sig, [None, {}, all(sig[3::4])])
+        (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
     if torch.compiler.is_compiling():
         route = _compiled_route(x)
@@ -139,8 +154,23 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
             return h if residual is None else (h, r)
         return reference.dyt_modulate(*args)
     if use_triton(x):
-        return DyTModulateFunction.apply(*args)
+        if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
+            h, r = mod_ops.forward(*args, None, slot)
+            return h if residual is None else (h, r)
+        return DyTModulateFunction.apply(*args, slot)
     return DyTModulateReference.apply(*args)
+
+
+# Argument signatures of dyt_modulate that passed the checks unchanged, each with its slot.
+_VALIDATED_MOD = BoundedCache()
+
+
+def _opt_sig(t) -> tuple:
+    """An optional tensor's part of a signature: absent shows as None where its shape would be, and
+    counts as contiguous."""
+    if t is None:
+        return None, None, None, True
+    return t.shape, t.dtype, t.device, t.is_contiguous()
 
 
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,

@@ -313,3 +313,61 @@ def test_torch_compile_fullgraph_triton_cuda(dynamic, backend):
     for a, b in zip(g_c, g_e):  # dh = 2h carries that ulp into every gradient, summed over <= 33 tokens
         scale = b.float().abs().max().item()
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2 ** -6 * scale)
+
+@pytest.mark.parametrize("case", ["plain", "residual", "residual+gate", "per-token", "wide-residual", "no-affine"])
+@pytest.mark.parametrize("use_r", [True, False])
+def test_validated_signature_paths_repeat_the_first_call_bitwise(device, case, use_r):
+    """A second call with a validated, all-contiguous signature skips the checks and takes the cached
+    forward and backward calls (ops/modulate.py's slot paths): bitwise the first call's results. A
+    non-contiguous upstream gradient falls back to the general backward, with the same values."""
+    from dyt_kernels import functional as F
+    B, L, D = 2, 5, 48
+    xdt = torch.bfloat16 if case == "wide-residual" else torch.float32
+    x = torch.randn(B, L, D, device=device).to(xdt).requires_grad_()
+    mshape = (B, L, D) if case == "per-token" else (B, D)
+    shift, scale, gate = (torch.randn(mshape, device=device, requires_grad=True) for _ in range(3))
+    a = torch.tensor([0.6], device=device, requires_grad=True)
+    w, b = (None, None) if case == "no-affine" else (torch.randn(D, device=device, requires_grad=True)
+                                                    for _ in range(2))
+    res = None if case in ("plain", "no-affine") else torch.randn(B, L, D, device=device, requires_grad=True)
+    gate = gate if case in ("residual+gate", "per-token", "wide-residual") else None
+    leaves = [t for t in (x, a, shift, scale, w, b, res, gate) if t is not None]
+    dh = torch.randn(B, L, D, device=device).to(xdt)
+    dr = torch.randn(B, L, D, device=device) if res is not None and use_r else None
+
+    def call(dh):
+        out = dyt_modulate(x, a, shift, scale, w, b, residual=res, gate=gate)
+        outs, douts = ((out[0], out[1]), (dh, dr)) if dr is not None else ((out[0] if res is not None else out,), (dh,))
+        return (*outs, *torch.autograd.grad(outs, leaves, douts))
+
+    with use_backend("triton"):
+        F._VALIDATED_MOD.clear()
+        first = call(dh)
+        (slot,) = F._VALIDATED_MOD.values()
+        # (autograd hands the backward zeros for an unused r: the backward call is cached under has_dr)
+        assert slot[0] is not None and list(slot[1]) == [res is not None], "the slot was not filled"
+        again = call(dh)
+        strided = call(torch.randn(B, L, 2 * D, device=device).to(xdt)[..., ::2].copy_(dh))
+    for got in (again, strided):
+        for f, g in zip(first, got):
+            assert torch.equal(f, g)
+
+
+def test_no_grad_forward_matches_the_recording_path(device):
+    """Under no_grad / inference_mode dyt_modulate launches without an autograd.Function (sampling):
+    bitwise the recording path's h and r, nothing recorded."""
+    B, L, D = 2, 6, 40
+    x, res = (torch.randn(B, L, D, device=device, requires_grad=True) for _ in range(2))
+    shift, scale, gate = (torch.randn(B, D, device=device, requires_grad=True) for _ in range(3))
+    a = torch.tensor([0.6], device=device, requires_grad=True)
+    with use_backend("triton"):
+        h, r = dyt_modulate(x, a, shift, scale, residual=res, gate=gate)
+        assert h.grad_fn is not None
+        for _ in range(2):   # the second call takes the validated-signature path
+            with torch.no_grad():
+                h2, r2 = dyt_modulate(x, a, shift, scale, residual=res, gate=gate)
+            with torch.inference_mode():
+                h3 = dyt_modulate(x.detach(), a.detach(), shift.detach(), scale.detach())
+            assert h2.grad_fn is None and r2.grad_fn is None and h3.is_inference()
+            assert torch.equal(h2, h.detach()) and torch.equal(r2, r.detach())
+            assert torch.equal(h3, dyt_modulate(x, a, shift, scale).detach())

@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import per_token
+from . import direct
 from . import plan as P
 from .dyt import MAX_BLOCK_N as _FWD_MAX_BLOCK_N, rows_view, tanh_mode
 from .finish import launch_finish, plan_finish
@@ -545,8 +546,24 @@ def _dt(t: Tensor | None, default: torch.dtype) -> torch.dtype:
 
 
 def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
-            residual: Tensor | None, gate: Tensor | None, launch=None) -> tuple[Tensor, Tensor | None]:
-    """(h, r) with one launch; r is None without a residual."""
+            residual: Tensor | None, gate: Tensor | None, launch=None, slot: list | None = None
+            ) -> tuple[Tensor, Tensor | None]:
+    """(h, r) with one launch; r is None without a residual. `slot`, from functional.py, belongs to a
+    validated argument signature: [forward call, {has_dr: backward call}, every tensor contiguous]."""
+    if slot is not None and slot[0] is not None and launch is None:
+        # Contiguous tensors of a validated signature: the tensors are their own rows, and the launch
+        # configuration and every integer argument are the signature's, so a direct launch.
+        cfg, ints = slot[0]
+        h = torch.empty_like(x)
+        r = None if residual is None else torch.empty_like(residual)
+        res = x if residual is None else residual
+        g = x if gate is None else gate
+        w = x if weight is None else weight
+        b = x if bias is None else bias
+        direct.launch(_modulate_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
+                      (x, res, g, shift, scale, alpha, w, b, h, h if r is None else r, *ints),
+                      (x, res, g, shift, scale, alpha, w, b))
+        return h, r
     B, L, D = x.shape
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     r = None if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
@@ -562,24 +579,32 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
            _dt(weight, alpha.dtype), _dt(bias, alpha.dtype), residual is not None, gate is not None,
            weight is not None, bias is not None, alpha.numel() > 1, x.device)
     cfg = _FWD.get(key) or _forward_launch(key)
+    ints = (B * L, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0), sgb, sgl, sshb, sshl, sscb, sscl)
     P.run(_modulate_fwd_kernel, cfg, launch,
           x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
-          x2 if weight is None else weight, x2 if bias is None else bias, h2, r2,
-          B * L, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0),
-          sgb, sgl, sshb, sshl, sscb, sscl)
+          x2 if weight is None else weight, x2 if bias is None else bias, h2, r2, *ints)
+    if slot is not None and slot[2] and launch is None:
+        slot[0] = (cfg, ints)   # every tensor was contiguous: the views above were the tensors themselves
     return h, r
 
 
 def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor,
-             weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, has_residual: bool, launch=None):
+             weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, has_residual: bool, launch=None,
+             slot: list | None = None):
     """(dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha) with two launches, each shaped
     and typed like its input; None for absent inputs, and dshift None when shift is per token (its
-    gradient is dh itself). r is the norm's input (x itself without a residual)."""
+    gradient is dh itself). r is the norm's input (x itself without a residual). `slot`: forward's."""
     B, L, D = x.shape
     dev = x.device
-    shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
-    gate_tok = gate is not None and per_token(gate, L)
-    write_dx = has_residual and (gate is not None or x.dtype != r.dtype)
+    call = None
+    if slot is not None and launch is None and dh.is_contiguous() and (dr is None or dr.is_contiguous()):
+        call = slot[1].get(dr is not None)
+    if call is not None:
+        cfg, shift_tok, scale_tok, gate_tok, write_dx, ints = call
+    else:
+        shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
+        gate_tok = gate is not None and per_token(gate, L)
+        write_dx = has_residual and (gate is not None or x.dtype != r.dtype)
     drt = torch.empty((B, L, D), dtype=r.dtype, device=dev)
     dx = torch.empty((B, L, D), dtype=x.dtype, device=dev) if write_dx else drt
     dshift = None if shift_tok else torch.empty(shift.shape, dtype=shift.dtype, device=dev)
@@ -589,11 +614,50 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     db = None if bias is None else torch.empty_like(bias)
     da = torch.empty_like(alpha)
     grads = [dx, drt if has_residual else None, dgate, dshift, dscale, dw, db, da]
-    if x.numel() == 0:
-        for t in grads[2:]:
-            if t is not None:
-                t.zero_()
-        return grads
+    if call is not None:
+        # Contiguous tensors of a validated signature (and a contiguous dh, dr): the tensors are their
+        # own rows, every integer argument is the signature's.
+        p = cfg.plan
+        dh2, r2, drt2, dx2, gate_t, scale_t = dh, r, drt, dx, gate, scale
+        dr2 = r if dr is None else dr
+        x2 = x if gate is not None else r
+    else:
+        if x.numel() == 0:
+            for t in grads[2:]:
+                if t is not None:
+                    t.zero_()
+            return grads
+        dh2, r2, drt2 = rows_view(dh, D), rows_view(r, D), drt.view(-1, D)
+        dr2 = r2 if dr is None else rows_view(dr, D)
+        x2 = rows_view(x, D) if gate is not None else r2
+        dx2 = dx.view(-1, D)
+        gate_t, sgb, sgl = _mod_strides(gate, L)
+        scale_t, sscb, sscl = _mod_strides(scale, L)
+        key = (B, L, D, x.dtype, r.dtype, _dt(gate, x.dtype), scale.dtype, alpha.dtype, _dt(weight, alpha.dtype),
+               _dt(bias, alpha.dtype), shift.dtype, has_residual, dr is not None, gate is not None, write_dx,
+               weight is not None, bias is not None, alpha.numel() > 1, shift_tok, scale_tok, gate_tok, dev)
+        cfg = _BWD.get(key) or _backward_launch(key)
+        p = cfg.plan
+        ints = (D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, B * p.chunks,
+                dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
+                sgb, sgl, sscb, sscl, p.sample_stride, p.channel_stride)
+        if slot is not None and slot[2] and launch is None and dh.is_contiguous() and (dr is None or dr.is_contiguous()):
+            slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints)
+    part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
+    args = (dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
+            x2 if weight is None else weight, x2 if bias is None else bias,
+            drt2, dx2, dscale if scale_tok else drt2, dgate if gate_tok else drt2,
+            part if dshift is None else dshift, part if scale_tok else dscale,
+            part if dgate is None or gate_tok else dgate, part, *ints)
+    if call is not None:
+        direct.launch(_modulate_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, args[:9])
+    else:
+        P.run(_modulate_bwd_kernel, cfg, launch, *args)
+    dsts = [g for g in (dw, db, da) if g is not None]
+    if p.split:
+        dsts += [g for g in (dshift, None if scale_tok else dscale, None if gate_tok else dgate) if g is not None]
+    launch_finish(cfg.finish, part, dsts, launch)
+    return grads
     dh2, r2, drt2 = rows_view(dh, D), rows_view(r, D), drt.view(-1, D)
     dr2 = r2 if dr is None else rows_view(dr, D)
     x2 = rows_view(x, D) if gate is not None else r2
