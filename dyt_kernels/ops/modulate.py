@@ -641,7 +641,8 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
         ints = (D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, B * p.chunks,
                 dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
                 sgb, sgl, sscb, sscl, p.sample_stride, p.channel_stride)
-        if slot is not None and slot[2] and launch is None and dh.is_contiguous() and (dr is None or dr.is_contiguous()):
+        contiguous = dh.is_contiguous() and (dr is None or dr.is_contiguous())
+        if slot is not None and slot[2] and launch is None and contiguous:
             slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints)
     part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
     args = (dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
@@ -653,33 +654,6 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
         direct.launch(_modulate_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, args[:9])
     else:
         P.run(_modulate_bwd_kernel, cfg, launch, *args)
-    dsts = [g for g in (dw, db, da) if g is not None]
-    if p.split:
-        dsts += [g for g in (dshift, None if scale_tok else dscale, None if gate_tok else dgate) if g is not None]
-    launch_finish(cfg.finish, part, dsts, launch)
-    return grads
-    dh2, r2, drt2 = rows_view(dh, D), rows_view(r, D), drt.view(-1, D)
-    dr2 = r2 if dr is None else rows_view(dr, D)
-    x2 = rows_view(x, D) if gate is not None else r2
-    dx2 = dx.view(-1, D)
-    gate_t, sgb, sgl = _mod_strides(gate, L)
-    scale_t, sscb, sscl = _mod_strides(scale, L)
-    key = (B, L, D, x.dtype, r.dtype, _dt(gate, x.dtype), scale.dtype, alpha.dtype, _dt(weight, alpha.dtype),
-           _dt(bias, alpha.dtype), shift.dtype, has_residual, dr is not None, gate is not None, write_dx,
-           weight is not None, bias is not None, alpha.numel() > 1, shift_tok, scale_tok, gate_tok, dev)
-    cfg = _BWD.get(key) or _backward_launch(key)
-    p = cfg.plan
-    part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
-    tok = lambda t: drt2 if t is None or not per_token(t, L) else t.view(-1, D)  # noqa: E731
-    flat = lambda t: part if t is None or per_token(t, L) else t  # noqa: E731
-    P.run(_modulate_bwd_kernel, cfg, launch,
-          dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
-          x2 if weight is None else weight, x2 if bias is None else bias,
-          drt2, dx2, tok(dscale if scale_tok else None), tok(dgate if gate_tok else None),
-          flat(dshift), flat(None if scale_tok else dscale), flat(None if gate_tok else dgate), part,
-          D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, B * p.chunks,
-          dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
-          sgb, sgl, sscb, sscl, p.sample_stride, p.channel_stride)
     dsts = [g for g in (dw, db, da) if g is not None]
     if p.split:
         dsts += [g for g in (dshift, None if scale_tok else dscale, None if gate_tok else dgate) if g is not None]
