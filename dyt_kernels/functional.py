@@ -129,10 +129,14 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     (torch.Size([2, 16, 384]), torch.Size([2, 16, 384]))
     """
     try:
+        # Modulations by their strides: adaLN chunks them out of one (B, 6D) projection, so they are
+        # strided views, which the kernels read in place (unit channel stride).
         sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
-               alpha.is_contiguous(), shift.shape, shift.dtype, shift.device, shift.is_contiguous(),
-               scale.shape, scale.dtype, scale.device, scale.is_contiguous(),
-               *_opt_sig(weight), *_opt_sig(bias), *_opt_sig(residual), *_opt_sig(gate))
+               alpha.is_contiguous(), shift.shape, shift.dtype, shift.device, shift.stride(),
+               scale.shape, scale.dtype, scale.device, scale.stride(),
+               *_opt_sig(weight), *_opt_sig(bias), *_opt_sig(residual),
+               None if gate is None else gate.shape, None if gate is None else gate.dtype,
+               None if gate is None else gate.device, None if gate is None else gate.stride())
     except AttributeError:   # a Python-number alpha, or a wrong type the checks will name
         sig = None
     slot = _VALIDATED_MOD.get(sig)
@@ -141,8 +145,11 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         checked_alpha = as_alpha(alpha, x, x.shape[2])
         if sig is not None and all(a is b for a, b in zip((*checked, checked_alpha),
                                                           (shift, scale, weight, bias, gate, alpha))):
-            # [forward call, {has_dr: backward call}, every tensor contiguous] (ops/modulate.py fills it)
-            slot = _VALIDATED_MOD.add(sig, [None, {}, all(sig[3::4])])
+            # [forward call, {has_dr: backward call}, whether the launches read every tensor in place]
+            # (ops/modulate.py fills the calls)
+            in_place = (all(t is None or t.is_contiguous() for t in (x, alpha, weight, bias, residual))
+                        and all(t is None or t.stride(-1) == 1 for t in (shift, scale, gate)))
+            slot = _VALIDATED_MOD.add(sig, [None, {}, in_place])
         (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
     if torch.compiler.is_compiling():

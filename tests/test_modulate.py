@@ -314,10 +314,12 @@ def test_torch_compile_fullgraph_triton_cuda(dynamic, backend):
         scale = b.float().abs().max().item()
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2 ** -6 * scale)
 
-@pytest.mark.parametrize("case", ["plain", "residual", "residual+gate", "per-token", "wide-residual", "no-affine"])
+@pytest.mark.parametrize("case", ["plain", "residual", "residual+gate", "per-token", "wide-residual", "no-affine",
+                                  "chunked"])
 @pytest.mark.parametrize("use_r", [True, False])
 def test_validated_signature_paths_repeat_the_first_call_bitwise(device, case, use_r):
-    """A second call with a validated, all-contiguous signature skips the checks and takes the cached
+    """A second call with a validated signature read in place (contiguous tensors; modulations with
+    unit channel stride, like adaLN's chunks of one projection) skips the checks and takes the cached
     forward and backward calls (ops/modulate.py's slot paths): bitwise the first call's results. A
     non-contiguous upstream gradient falls back to the general backward, with the same values."""
     from dyt_kernels import functional as F
@@ -330,8 +332,13 @@ def test_validated_signature_paths_repeat_the_first_call_bitwise(device, case, u
     w, b = (None, None) if case == "no-affine" else (torch.randn(D, device=device, requires_grad=True)
                                                     for _ in range(2))
     res = None if case in ("plain", "no-affine") else torch.randn(B, L, D, device=device, requires_grad=True)
-    gate = gate if case in ("residual+gate", "per-token", "wide-residual") else None
+    gate = gate if case in ("residual+gate", "per-token", "wide-residual", "chunked") else None
     leaves = [t for t in (x, a, shift, scale, w, b, res, gate) if t is not None]
+    if case == "chunked":   # strided views of one (B, 3D) projection, as adaLN makes them
+        mods = torch.randn(B, 3 * D, device=device, requires_grad=True)
+        shift, scale, gate = mods.chunk(3, dim=-1)
+        assert not shift.is_contiguous()
+        leaves = [x, a, mods, w, b, res]
     dh = torch.randn(B, L, D, device=device).to(xdt)
     dr = torch.randn(B, L, D, device=device) if res is not None and use_r else None
 

@@ -549,9 +549,11 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
             residual: Tensor | None, gate: Tensor | None, launch=None, slot: list | None = None
             ) -> tuple[Tensor, Tensor | None]:
     """(h, r) with one launch; r is None without a residual. `slot`, from functional.py, belongs to a
-    validated argument signature: [forward call, {has_dr: backward call}, every tensor contiguous]."""
+    validated argument signature (strides of the modulations included): [forward call, {has_dr:
+    backward call}, whether x, residual and the vectors are contiguous and the modulations have unit
+    channel stride, i.e. the launches read every tensor in place]."""
     if slot is not None and slot[0] is not None and launch is None:
-        # Contiguous tensors of a validated signature: the tensors are their own rows, and the launch
+        # A validated signature read in place: the tensors are their own rows, and the launch
         # configuration and every integer argument are the signature's, so a direct launch.
         cfg, ints = slot[0]
         h = torch.empty_like(x)
@@ -584,7 +586,7 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
           x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
           x2 if weight is None else weight, x2 if bias is None else bias, h2, r2, *ints)
     if slot is not None and slot[2] and launch is None:
-        slot[0] = (cfg, ints)   # every tensor was contiguous: the views above were the tensors themselves
+        slot[0] = (cfg, ints)   # read in place: the views above were the tensors themselves
     return h, r
 
 
@@ -615,8 +617,8 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     da = torch.empty_like(alpha)
     grads = [dx, drt if has_residual else None, dgate, dshift, dscale, dw, db, da]
     if call is not None:
-        # Contiguous tensors of a validated signature (and a contiguous dh, dr): the tensors are their
-        # own rows, every integer argument is the signature's.
+        # A validated signature read in place (and a contiguous dh, dr): the tensors are their own
+        # rows, every integer argument is the signature's.
         p = cfg.plan
         dh2, r2, drt2, dx2, gate_t, scale_t = dh, r, drt, dx, gate, scale
         dr2 = r if dr is None else dr
