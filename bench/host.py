@@ -7,7 +7,8 @@ issuing it decides the speed. Tiny tensors, one CPU thread, every op in the same
           remains is all the project does per call, checks, path choice, plans, allocations. The
           command sets TRITON_INTERPRET itself; it must be set before dyt_kernels is imported.
     CUDA  real launches; the GPU work per call is tiny, so the time is the host's (Triton's launcher
-          included). The device is synchronized once per batch of calls.
+          included). The device is synchronized once per batch of calls. Each "ours" row comes twice:
+          with direct launches (the default, ops/direct.py) and through Triton's JIT launcher.
 
 Modes: fwd (inputs that require grad, so the op records its backward), no_grad (the same forward
 under torch.no_grad, as in sampling), fwd+bwd (forward, then torch.autograd.grad of every input).
@@ -82,10 +83,29 @@ def _no_grad(fn, *args):
         return fn(*args)
 
 
+def _jit_launcher(fns: dict) -> dict:
+    """On CUDA, every "ours" function again with direct launches off (ops/direct.py): what Triton's
+    JIT launcher costs per call beside the cached compiled kernel's runner."""
+    from dyt_kernels.ops import direct
+
+    def without_direct(fn):
+        def run():
+            previous = direct.set_enabled(False)
+            try:
+                return fn()
+            finally:
+                direct.set_enabled(previous)
+        return run
+    return {(op, mode, "ours, JIT launcher"): without_direct(fn) for (op, mode, who), fn in fns.items()
+            if who == "ours"}
+
+
 def measure(device: torch.device, calls: int, rounds: int) -> list[dict]:
     import dyt_kernels as dk
 
     fns = _cases(device)
+    if device.type == "cuda":
+        fns.update(_jit_launcher(fns))
     best = {key: float("inf") for key in fns}
     with dk.use_backend("triton"):
         for fn in fns.values():

@@ -324,3 +324,19 @@ def test_host_bench_on_cpu(tmp_path):
     assert ("dyt", "no_grad", "ours") in keys and ("dyt", "no_grad", "eager DyT (3 ops)") in keys
     assert all(r["us_per_call"] > 0 for r in sec["rows"])
     assert "## Host time per call" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_host_bench_times_the_jit_launcher_beside_direct_launches():
+    """On CUDA every "ours" row is timed again with direct launches off, restored after each call."""
+    from bench import host
+    from dyt_kernels.ops import direct
+    seen = []
+    fns = {("dyt", "fwd", "ours"): lambda: seen.append(direct.enabled()), ("dyt", "fwd", "eager"): lambda: None}
+    extra = host._jit_launcher(fns)
+    assert list(extra) == [("dyt", "fwd", "ours, JIT launcher")]
+    previous = direct.set_enabled(True)
+    try:
+        extra[("dyt", "fwd", "ours, JIT launcher")]()
+        assert seen == [False] and direct.enabled()
+    finally:
+        direct.set_enabled(previous)
