@@ -15,14 +15,15 @@ from dyt_kernels.ops import direct
 
 
 class _Compiled:
-    """What Triton's JIT launcher returns: indexing by grid gives the kernel's own runner."""
+    """What Triton's JIT launcher returns: indexing by grid gives the kernel's own runner, which reads
+    grid[0], grid[1] and grid[2] as given (CompiledKernel.__getitem__ in Triton 3.x)."""
 
     def __init__(self, log):
         self.log = log
 
     def __getitem__(self, grid):
         def runner(*args):
-            self.log.append(("direct", grid, args))
+            self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
         return runner
 
 
@@ -52,7 +53,8 @@ def test_first_call_jit_then_direct_with_the_same_arguments(on):
     _launch(k, cache, (t,))
     _launch(k, cache, (t,))
     assert k.log[0] == ("jit", (7,), ("a", 3, True, 16), False, {"num_warps": 4})
-    assert k.log[1] == ("direct", (7,), ("a", 3, True, 16))   # constexprs follow, as the JIT launcher binds them
+    # the grid padded to three dims; the constexprs follow the arguments, as the JIT launcher binds them
+    assert k.log[1] == ("direct", (7, 1, 1), ("a", 3, True, 16))
     assert list(cache) == [0]
 
 
