@@ -8,9 +8,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["host"] and "--device" not in argv:
-        # Without a GPU the host benchmark stubs the interpreter's launcher, which Triton only uses
-        # when TRITON_INTERPRET is set before the kernels are decorated (dyt_kernels' import).
+    if argv[:1] == ["host"] and "--device" not in argv and "interpreter" in argv:
+        # --stub interpreter stubs the interpreter's launcher, which Triton only uses when
+        # TRITON_INTERPRET is set before the kernels are decorated (dyt_kernels' import).
         import torch
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")

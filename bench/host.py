@@ -3,9 +3,16 @@
 At the seed's shapes a norm pass is a few µs of GPU time, so in eager training what the host spends
 issuing it decides the speed. Tiny tensors, one CPU thread, every op in the same run:
 
-    CPU   every Triton launch stubbed (TRITON_INTERPRET=1, the interpreter's launcher a no-op): what
-          remains is all the project does per call, checks, path choice, plans, allocations. The
-          command sets TRITON_INTERPRET itself; it must be set before dyt_kernels is imported.
+    CPU, --stub driver (the default)
+          Triton's own launcher with the GPU taken out (bench/stub_driver.py): kernels compiled for
+          sm_90, Triton's JIT launcher and our direct launches run for real, only module loading and
+          the C launch call are no-ops. What remains is everything a GPU's host does per call but
+          cuLaunchKernel itself (the same for every path, eager ATen ops included, which here run on
+          CPU tensors). Each "ours" row also comes through Triton's JIT launcher.
+    CPU, --stub interpreter
+          every Triton launch a no-op (TRITON_INTERPRET=1, the interpreter's launcher stubbed): the
+          project's own Python alone. `python -m bench host --stub interpreter` sets TRITON_INTERPRET
+          itself; it must be set before dyt_kernels is imported.
     CUDA  real launches; the GPU work per call is tiny, so the time is the host's (Triton's launcher
           included). The device is synchronized once per batch of calls. Each "ours" row comes twice:
           with direct launches (the default, ops/direct.py) and through Triton's JIT launcher.
@@ -34,6 +41,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=30, help="timed batches per function; the best counts")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     ap.add_argument("--device", default=None, help="cuda when available, else cpu (launches stubbed)")
+    ap.add_argument("--stub", default="driver", choices=("driver", "interpreter"),
+                    help="on CPU: stub Triton's driver (its launcher runs) or the interpreter's launcher")
 
 
 def _cases(device: torch.device) -> dict:
@@ -100,11 +109,11 @@ def _jit_launcher(fns: dict) -> dict:
             if who == "ours"}
 
 
-def measure(device: torch.device, calls: int, rounds: int) -> list[dict]:
+def measure(device: torch.device, calls: int, rounds: int, jit_rows: bool = False) -> list[dict]:
     import dyt_kernels as dk
 
     fns = _cases(device)
-    if device.type == "cuda":
+    if jit_rows:
         fns.update(_jit_launcher(fns))
     best = {key: float("inf") for key in fns}
     with dk.use_backend("triton"):
@@ -135,21 +144,32 @@ def _stub_launches() -> None:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise SystemExit("bench host on CPU needs TRITON_INTERPRET=1 before dyt_kernels is imported "
-                             "(python -m bench host sets it when no GPU is present)")
+    stub = getattr(args, "stub", "driver") if device.type == "cpu" else None
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if stub == "interpreter":
+        if not interpreting:
+            raise SystemExit("bench host --stub interpreter needs TRITON_INTERPRET=1 before dyt_kernels is "
+                             "imported (python -m bench host --stub interpreter sets it)")
         _stub_launches()
+    elif stub == "driver":
+        if interpreting:
+            raise SystemExit("bench host --stub driver times Triton's own launcher: unset TRITON_INTERPRET "
+                             "(or use --stub interpreter)")
+        from . import stub_driver
+        stub_driver.install()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = measure(device, args.calls, args.rounds)
+        rows = measure(device, args.calls, args.rounds, jit_rows=stub != "interpreter")
     finally:
         torch.set_num_threads(threads)
     env = report.collect_env(device)
-    note = ("Triton launches stubbed (CPU): the project's own host path" if device.type == "cpu"
-            else "real launches on the GPU (Triton's launcher included)")
-    section = {"config": {"device": str(device), "calls": args.calls, "rounds": args.rounds, "note": note},
+    note = {"interpreter": "Triton launches stubbed in the interpreter (CPU): the project's own host path",
+            "driver": "Triton's launcher with a stub driver (CPU, kernels compiled for sm_90): all of the host "
+                      "path but cuLaunchKernel",
+            None: "real launches on the GPU (Triton's launcher included)"}[stub]
+    section = {"config": {"device": str(device), "calls": args.calls, "rounds": args.rounds, "note": note,
+                          "stub": stub},
                "rows": rows}
     paths = report.write_section(Path(args.out) if args.out else report.RESULTS_DIR, env, "host", section)
     print(f"host time per call ({note}):")

@@ -5,6 +5,7 @@ The smoke run uses the aot_eager compile backend, which traces and partitions li
 skips its C++/Triton code generation, so it stays fast on CI (and on a GPU machine running the suite).
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,7 +315,7 @@ def test_host_bench_on_cpu(tmp_path):
     import triton.runtime.interpreter as interp
     run = interp.InterpretedFunction.run
     try:
-        sec = host.run(argparse.Namespace(calls=5, rounds=2, out=str(tmp_path), device="cpu"))
+        sec = host.run(argparse.Namespace(calls=5, rounds=2, out=str(tmp_path), device="cpu", stub="interpreter"))
     finally:
         interp.InterpretedFunction.run = run
     keys = {(r["op"], r["mode"], r["provider"]) for r in sec["rows"]}
@@ -340,3 +341,25 @@ def test_host_bench_times_the_jit_launcher_beside_direct_launches():
         assert seen == [False] and direct.enabled()
     finally:
         direct.set_enabled(previous)
+
+
+def test_host_bench_with_the_stub_driver(tmp_path):
+    """python -m bench host (CPU, --stub driver): Triton's own launcher runs with the GPU stubbed out,
+    kernels compiled for sm_90; every op is timed with direct launches and through the JIT launcher.
+    A subprocess: TRITON_INTERPRET must be unset before dyt_kernels is imported."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench", "host", "--device", "cpu", "--calls", "3", "--rounds", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    sec = doc["host"]
+    assert sec["config"]["stub"] == "driver" and "stub driver" in sec["config"]["note"]
+    keys = {(r["op"], r["mode"], r["provider"]) for r in sec["rows"]}
+    for op in ("dyt", "dyt_modulate"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert (op, mode, "ours") in keys and (op, mode, "ours, JIT launcher") in keys
+    assert all(r["us_per_call"] > 0 for r in sec["rows"])
