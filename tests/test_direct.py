@@ -129,8 +129,9 @@ def test_off_means_jit_always(on):
 
 def test_never_under_the_interpreter():
     from dyt_kernels.backend import INTERPRETER
-    if INTERPRETER:
-        assert not direct.ENABLED
+    if not INTERPRETER:
+        pytest.skip("compiled kernels here: direct launches are on by design")
+    assert not direct.ENABLED and not direct.enabled()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +174,31 @@ def test_direct_matches_jit_bitwise_on_gpu(dtype, weight, bias):
             assert torch.equal(r, g)
     finally:
         direct.set_enabled(previous)
+
+
+@cuda
+def test_misaligned_input_after_a_cached_runner_takes_the_jit_launcher_on_gpu():
+    """A runner compiled for 16-byte-aligned pointers must never see a misaligned one: the same
+    signature with x at a 4-byte offset (contiguous, so the validated fast path) goes through the JIT
+    launcher and gives the torch backend's values."""
+    import dyt_kernels as dk
+    a, w, b = torch.tensor([0.7], device="cuda"), torch.randn(96, device="cuda"), torch.randn(96, device="cuda")
+    aligned = torch.randn(8, 96, device="cuda")
+    buf = torch.randn(8 * 96 + 1, device="cuda")
+    odd = buf[1:].view(8, 96)
+    assert odd.is_contiguous() and odd.data_ptr() % 16 != 0
+    previous = direct.set_enabled(True)
+    try:
+        for _ in range(3):
+            dk.dyt(aligned, a, w, b)   # caches the runner for aligned pointers
+        got = dk.dyt(odd, a, w, b)
+        torch.cuda.synchronize()
+        assert direct.enabled()
+    finally:
+        direct.set_enabled(previous)
+    with dk.use_backend("torch"):
+        want = dk.dyt(odd, a, w, b)
+    torch.testing.assert_close(got, want)
 
 
 @cuda
