@@ -6,7 +6,11 @@
 "torch"  plain PyTorch everywhere (a parity baseline, or a way around a suspected kernel bug).
 
 The default comes from the environment variable DYT_KERNELS_BACKEND; `use_backend` overrides it for
-a block. Under torch.compile the choice is read when the graph is traced.
+a block. Under torch.compile the choice is read when the graph is traced; where torch's dynamo traces
+`ContextVar.get` (it guards on the value: a graph traced under one backend is retraced under another)
+that is all. Older dynamo cannot trace it (a graph break, which fullgraph=True refuses), so there the
+value is read once at trace time as a constant: a graph compiled under one backend keeps it until
+`torch._dynamo.reset()`.
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(_ENV_NAME) if _ENV_DATA is not None else None
 
 
+# Whether dynamo traces ContextVar.get (with a guard on its value): torch releases from mid-2026 on.
+_DYNAMO_TRACES_CONTEXTVARS = hasattr(getattr(getattr(torch, "_dynamo", None), "source", None), "ContextVarGetSource")
+
+
 def _env_backend() -> str | None:
     if _ENV_DATA is None:
         return os.environ.get(_ENV_NAME)
@@ -56,6 +64,23 @@ def get_backend() -> str:
     return "auto" if env is None else _check_name(env, _ENV_NAME)
 
 
+def _override_at_trace_time() -> str | None:
+    return _override.get()
+
+
+if not _DYNAMO_TRACES_CONTEXTVARS:
+    _override_at_trace_time = torch._dynamo.assume_constant_result(_override_at_trace_time)
+
+
+def traced_backend() -> str:
+    """get_backend for code under torch.compile (see the module's docstring)."""
+    name = _override_at_trace_time()
+    if name is not None:
+        return name
+    env = _env_backend()
+    return "auto" if env is None else _check_name(env, _ENV_NAME)
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run a block with the given backend.
@@ -71,9 +96,11 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether an op on tensor x runs the Triton kernels (True) or the PyTorch reference (False)."""
-    name = get_backend()
+def use_triton(x: torch.Tensor, name: str | None = None) -> bool:
+    """Whether an op on tensor x runs the Triton kernels (True) or the PyTorch reference (False) under
+    backend `name` (default: the one in force)."""
+    if name is None:
+        name = get_backend()
     if name == "torch" or x.dtype == torch.float64:
         # float64 is the oracle's dtype: the kernels compute in fp32, so fp64 stays in PyTorch.
         return False

@@ -13,7 +13,7 @@ from . import reference
 from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
 from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFused, DyTModulateReference,
                        DyTReference)
-from .backend import get_backend, use_triton
+from .backend import traced_backend, use_triton
 from .ops import dyt as dyt_ops
 from .ops import modulate as mod_ops
 from .ops.plan import BoundedCache
@@ -22,9 +22,10 @@ from .ops.plan import BoundedCache
 def _compiled_route(x: Tensor) -> str:
     """Under torch.compile: "torch" (plain ops), "fused" (pointwise forward, kernel backward) or
     "opaque" (our kernels both ways, use_backend("triton"))."""
-    if not use_triton(x):
+    name = traced_backend()
+    if not use_triton(x, name):
         return "torch"
-    return "opaque" if get_backend() == "triton" else "fused"
+    return "opaque" if name == "triton" else "fused"
 
 
 def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Tensor | None = None, *,

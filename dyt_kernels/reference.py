@@ -23,8 +23,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype: t itself when it already is, never a no-op `.to`.
+
+    dyt and dyt_modulate are the forward bodies of autograd Functions under torch.compile
+    (autograd.py). A no-op `.to` gives back the very tensor it was given, and torch 2.11's dynamo
+    misroutes the gradient of a Function output that is also an intermediate of its forward (there,
+    `r.to(fp32)` inside the norm, with r returned): silently zero gradients (pytorch/pytorch#180642).
+    Casting through here keeps every node of those forwards a distinct tensor.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _up(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+    return None if t is None else cast(t, dtype)
 
 
 def channel_view(p: Tensor, x: Tensor, channels_last: bool) -> Tensor:
@@ -53,12 +65,12 @@ def dyt(x: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | N
         channels_last: bool = True) -> Tensor:
     """y = weight * tanh(alpha * x) + bias, in fp32 (fp64 for fp64 input), returned in x.dtype."""
     ct = compute_dtype(x.dtype)
-    y = torch.tanh(channel_view(alpha.to(ct), x, channels_last) * x.to(ct))
+    y = torch.tanh(channel_view(cast(alpha, ct), x, channels_last) * cast(x, ct))
     if weight is not None:
-        y = y * channel_view(weight.to(ct), x, channels_last)
+        y = y * channel_view(cast(weight, ct), x, channels_last)
     if bias is not None:
-        y = y + channel_view(bias.to(ct), x, channels_last)
-    return y.to(x.dtype)
+        y = y + channel_view(cast(bias, ct), x, channels_last)
+    return cast(y, x.dtype)
 
 
 def dyt_backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -101,17 +113,17 @@ def dyt_modulate(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight:
     """
     B, _, D = x.shape
     ct = compute_dtype(x.dtype)
-    r = x.to(ct)
+    r = cast(x, ct)
     if residual is not None:
         if gate is not None:
-            r = r * as_modulation(gate, B, D).to(ct)
+            r = r * cast(as_modulation(gate, B, D), ct)
         # Round r to its storage dtype before the norm, as an unfused block would.
-        r = (residual.to(ct) + r).to(residual.dtype).to(ct)
-    n = dyt(r, alpha.to(ct), _up(weight, ct), _up(bias, ct))
-    h = n * (1 + as_modulation(scale, B, D).to(ct)) + as_modulation(shift, B, D).to(ct)
+        r = cast(cast(cast(residual, ct) + r, residual.dtype), ct)
+    n = dyt(r, cast(alpha, ct), _up(weight, ct), _up(bias, ct))
+    h = n * (1 + cast(as_modulation(scale, B, D), ct)) + cast(as_modulation(shift, B, D), ct)
     if residual is None:
-        return h.to(x.dtype)
-    return h.to(x.dtype), r.to(residual.dtype)
+        return cast(h, x.dtype)
+    return cast(h, x.dtype), cast(r, residual.dtype)
 
 
 def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, scale: Tensor,

@@ -90,6 +90,62 @@ def test_fused_modulate_path(residual):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _forward_bodies(fn, *args):
+    """The forward bodies dynamo traces for the autograd Functions that fn applies."""
+    graphs = _Graphs()
+    gms = []
+    torch._dynamo.reset()
+    torch.compile(fn, backend=lambda gm, ex: (gms.append(gm), graphs(gm, ex))[1], fullgraph=True)(*args)
+    return [sub for gm in gms for name, sub in gm.named_modules() if name.startswith("fwd_body")]
+
+
+def _shared_tensors(body) -> list[str]:
+    """Nodes of a traced forward whose tensor is the very tensor of an earlier node (a no-op cast)."""
+    seen, shared = {}, []
+    for node in body.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            if id(value) in seen:
+                shared.append(f"{node.name} is {seen[id(value)]}")
+            seen.setdefault(id(value), node.name)
+    return shared
+
+
+_ALIAS_CASES = {
+    "dyt fp32": ("dyt", torch.float32, True, True),
+    "dyt bf16": ("dyt", torch.bfloat16, True, True),
+    "dyt fp32 no affine": ("dyt", torch.float32, False, False),
+    "modulate plain": ("mod", torch.float32, None, None),
+    "modulate residual": ("mod", torch.float32, torch.float32, None),
+    "modulate residual+gate": ("mod", torch.float32, torch.float32, True),
+    "modulate bf16 x, fp32 residual+gate": ("mod", torch.bfloat16, torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("case", list(_ALIAS_CASES))
+def test_fused_forwards_hold_no_tensor_twice(case):
+    """The fused paths' forwards (reference.py's formulas, traced by dynamo) hold no node that is the
+    same tensor as another: a no-op `.to` of a tensor the Function returns makes torch 2.11's dynamo
+    give that output silently zero gradients (pytorch/pytorch#180642; the numeric tests above fail
+    there without reference.cast). This holds the workaround on every torch, including ones without
+    the bug."""
+    kind, dtype, p1, p2 = _ALIAS_CASES[case]
+    if kind == "dyt":
+        x, a, w, b = _inputs((6, 40), 40, dtype)
+        args = (x, a, w if p1 else None, b if p2 else None)
+        bodies = _forward_bodies(lambda *t: DyTFused.apply(*t, True), *args)
+    else:
+        B, L, D = 2, 5, 24
+        x, a, w, b = _inputs((B, L, D), D, dtype)
+        shift, scale, gate = (torch.randn(B, D, requires_grad=True) for _ in range(3))
+        res = None if p1 is None else torch.randn(B, L, D, dtype=p1, requires_grad=True)
+        args = (x, a, shift, scale, w, b, res, gate if p2 else None)
+        bodies = _forward_bodies(lambda *t: DyTModulateFused.apply(*t), *args)
+    assert bodies, "no autograd Function forward was traced"
+    for body in bodies:
+        assert _shared_tensors(body) == [], body.graph
+
+
 def test_opaque_path_keeps_both_kernels_under_compile():
     """use_backend("triton") under compile: the custom ops in both directions."""
     torch._dynamo.reset()
@@ -146,3 +202,20 @@ def test_no_grad_forward_skips_the_function_and_matches(device, channels_last, s
                 inferred = dyt(x, a, w, b, channels_last=channels_last)
             assert plain.grad_fn is None and not plain.requires_grad and inferred.is_inference()
             assert torch.equal(plain, recorded.detach()) and torch.equal(inferred, recorded.detach())
+
+
+def test_backend_choice_under_compile_is_read_at_trace_time():
+    """fullgraph compile reads use_backend's choice without a graph break on every torch. Where dynamo
+    traces ContextVar.get it guards on the value (a new choice retraces); where it cannot (torch before
+    mid-2026: the GPU image's 2.11), the choice is a trace-time constant until torch._dynamo.reset()."""
+    from dyt_kernels import backend
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: t + (1.0 if backend.traced_backend() == "torch" else 0.0), fullgraph=True,
+                      backend="eager")
+    x = torch.zeros(1)
+    with use_backend("torch"):
+        assert f(x).item() == 1.0
+    assert f(x).item() == (0.0 if backend._DYNAMO_TRACES_CONTEXTVARS else 1.0)
+    torch._dynamo.reset()
+    assert f(x).item() == 0.0
