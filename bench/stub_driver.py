@@ -1,13 +1,17 @@
 """A Triton driver with the GPU taken out, so the host path of a launch can be timed on a CPU.
 
 Everything Triton's JIT launcher does in Python runs for real: binding, specialization, the cache
-lookup, the compiled kernel's runner. Kernels are compiled for sm_90 (ptxas ships with Triton), as
-on an H100. What is stubbed is what needs a GPU: loading the module (`load_binary`), the device
-queries, and the C launcher (a no-op callable), i.e. the cuLaunchKernel call, which costs the same
-for every path. `install()` also routes CPU tensors to the Triton path of dyt_kernels, plans launches
+lookup, the compiled kernel's runner, and the Python half of Triton's CUDA launcher (CudaLauncher,
+where it calls a generic C launch function, as in Triton 3.8; Triton 3.6 compiles a C launcher per
+kernel, and there the whole launcher is a no-op). Kernels are compiled for sm_90 (ptxas ships
+with Triton), as on an H100. What is stubbed is what needs a GPU: loading the module
+(`load_binary`), the device queries, and the C launch function, i.e. the argument packing and the
+cuLaunchKernel call, which cost the same for every path. `install()` also routes CPU tensors to the Triton path of dyt_kernels, plans launches
 for an H100, and answers direct.py's device query. Outputs are never written: this is for timing.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -16,6 +20,14 @@ H100_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_n
 
 
 class _Utils:
+    @staticmethod
+    def launch(*args):   # the C launch function: argument packing and cuLaunchKernel
+        return None
+
+    @staticmethod
+    def build_signature_metadata(kernel_signature):   # read only by the C launch function
+        return tuple(kernel_signature)
+
     def load_binary(self, name, kernel, shared, device):
         return 1, 1, 0, 0, 1024      # module, function, registers, spills, max threads per block
 
@@ -24,13 +36,26 @@ class _Utils:
 
 
 class _Launcher:
-    """The C launcher's place: takes what Triton's launcher would hand cuLaunchKernel, does nothing."""
+    """The launcher's place where Triton's would compile C: takes the launch, does nothing."""
 
     def __init__(self, src, metadata):
         pass
 
     def __call__(self, *args):
         return None
+
+
+def _launcher(src, metadata):
+    """Triton's own CudaLauncher where it is Python over utils.launch (stubbed), else the no-op."""
+    from triton.backends.nvidia import driver as nvidia
+    if "utils.launch" not in inspect.getsource(nvidia.CudaLauncher.__init__):
+        return _Launcher(src, metadata)
+    if getattr(nvidia, "PyKernelArg", 0) is None:
+        # The argument descriptors come from Triton's C utilities (which link libcuda); the stubbed
+        # launch function never reads them, so plain tuples stand in.
+        nvidia.PyKernelArg = lambda nested_tuple, type: (nested_tuple, type)
+        nvidia.ARG_CONSTEXPR, nvidia.ARG_KERNEL, nvidia.ARG_TUPLE = 0, 1, 2
+    return nvidia.CudaLauncher(src, metadata)
 
 
 def _driver():
@@ -40,7 +65,7 @@ def _driver():
     class StubDriver(CudaDriver):
         def __init__(self):   # CudaDriver's would load libcuda
             self.utils = _Utils()
-            self.launcher_cls = _Launcher
+            self.launcher_cls = _launcher
             self.get_current_device = lambda: 0
             self.get_current_stream = lambda device=None: 0
             self.set_current_device = lambda device: None
@@ -64,6 +89,6 @@ def install() -> None:
     if backend.INTERPRETER:
         raise RuntimeError("the stub driver times Triton's own launcher: unset TRITON_INTERPRET")
     driver.set_active(_driver())
-    functional.use_triton = lambda x: x.dtype != torch.float64
+    functional.use_triton = lambda x, name=None: x.dtype != torch.float64
     P.device_props = lambda device: P.HOPPER
     direct._current_device = lambda: 0

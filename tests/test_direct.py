@@ -15,15 +15,26 @@ from dyt_kernels.ops import direct
 
 
 class _Compiled:
-    """What Triton's JIT launcher returns: indexing by grid gives the kernel's own runner, which reads
-    grid[0], grid[1] and grid[2] as given (CompiledKernel.__getitem__ in Triton 3.x)."""
+    """What Triton's JIT launcher returns (CompiledKernel in Triton 3.6 and 3.8): `run` is its launcher,
+    taking (grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata, enter_hook,
+    exit_hook, *args); indexing by grid gives Triton's runner, which reads grid[0], grid[1] and
+    grid[2] as given, builds the launch metadata and passes the hook chains."""
+
+    function, packed_metadata = "function", "packed"
 
     def __init__(self, log):
         self.log = log
+        self.headers = []
+
+    def run(self, g0, g1, g2, stream, function, packed, metadata, enter, leave, *args):
+        self.headers.append((stream, function, packed, metadata, enter, leave))
+        self.log.append(("direct", (g0, g1, g2), args))
 
     def __getitem__(self, grid):
         def runner(*args):
-            self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
+            from triton import knobs
+            self.run(grid[0], grid[1], grid[2], "current stream", self.function, self.packed_metadata,
+                     {"grid": grid}, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
         return runner
 
 
@@ -33,12 +44,14 @@ class _Kernel:
 
     def run(self, *args, grid, warmup, **options):
         self.log.append(("jit", grid, args, warmup, options))
-        return _Compiled(self.log)
+        self.compiled = _Compiled(self.log)
+        return self.compiled
 
 
 @pytest.fixture
 def on(monkeypatch):
     monkeypatch.setattr(direct, "_current_device", lambda: 0)
+    monkeypatch.setattr(direct, "_stream_function", lambda: lambda device: f"stream of device {device}")
     previous = direct.set_enabled(True)
     yield
     direct.set_enabled(previous)
@@ -56,6 +69,37 @@ def test_first_call_jit_then_direct_with_the_same_arguments(on):
     # the grid padded to three dims; the constexprs follow the arguments, as the JIT launcher binds them
     assert k.log[1] == ("direct", (7, 1, 1), ("a", 3, True, 16))
     assert list(cache) == [0]
+
+
+def test_direct_calls_the_launcher_with_no_metadata_while_no_hook_is_registered(on):
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    _launch(k, cache, (t,))
+    _launch(k, cache, (t,))
+    # the current stream of the current device, the compiled function and metadata; no launch
+    # metadata or hooks (the C launcher skips None)
+    assert k.compiled.headers == [("stream of device 0", "function", "packed", None, None, None)]
+
+
+def test_a_registered_launch_hook_sends_direct_launches_through_tritons_runner(on):
+    """A profiler's launch hook must see every launch, with its metadata: while a hook is registered
+    the direct launch goes through Triton's runner, which builds the metadata and calls the chains."""
+    from triton import knobs
+    k, cache, t = _Kernel(), {}, torch.empty(8)
+    _launch(k, cache, (t,))
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _launch(k, cache, (t,))
+        stream, function, packed, metadata, enter, leave = k.compiled.headers[-1]
+        assert metadata == {"grid": (7, 1, 1)} and enter is knobs.runtime.launch_enter_hook and hook in enter.calls
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert k.log[-1] == ("direct", (7, 1, 1), ("a", 3, True, 16))
+    _launch(k, cache, (t,))   # the hook removed: the lean call again
+    assert k.compiled.headers[-1][3:] == (None, None, None)
 
 
 def test_misaligned_input_takes_the_jit_launcher(on):
@@ -107,7 +151,7 @@ def test_a_failing_runner_turns_direct_launches_off_and_relaunches(on):
     k, cache, t = _Kernel(), {}, torch.empty(8)
     _launch(k, cache, (t,))
 
-    def broken(*args):
+    def broken(device, args, consts):
         raise TypeError("function takes exactly 12 arguments (14 given)")
     cache[0] = broken
     with pytest.warns(RuntimeWarning, match="direct kernel launches are off.*TypeError.*14 given"):
@@ -199,6 +243,36 @@ def test_misaligned_input_after_a_cached_runner_takes_the_jit_launcher_on_gpu():
     with dk.use_backend("torch"):
         want = dk.dyt(odd, a, w, b)
     torch.testing.assert_close(got, want)
+
+
+@cuda
+def test_launch_hooks_see_every_direct_launch_on_gpu():
+    """With a launch hook registered (as a profiler does), each dyt forward's one launch reaches it,
+    with Triton's metadata, and the values stay the JIT launcher's."""
+    from triton import knobs
+
+    import dyt_kernels as dk
+    x, a = torch.randn(64, 384, device="cuda"), torch.tensor([0.7], device="cuda")
+    previous = direct.set_enabled(False)
+    try:
+        ref = dk.dyt(x, a)
+        direct.set_enabled(True)
+        dk.dyt(x, a)   # caches the runner
+        names = []
+
+        def hook(metadata):
+            names.append(metadata.get()["name"])   # Triton's LazyDict
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            got = [dk.dyt(x, a) for _ in range(3)]
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        assert direct.enabled()
+        assert names == ["_dyt_fwd_kernel"] * 3, names
+        for g in got:
+            assert torch.equal(g, ref)
+    finally:
+        direct.set_enabled(previous)
 
 
 @cuda

@@ -10,8 +10,15 @@ pointers' alignment and the integer arguments. Where the configuration fixes the
 validated-signature paths of dyt and every finishing launch) only alignment is left; elsewhere the
 runner is kept per tuple of integer values. The first launch goes through the JIT launcher, which
 returns the CompiledKernel; while the pointers stay 16-byte aligned, later launches with the same
-integers call that kernel's own launcher (`compiled[grid]`, Triton's runner: the same stream, launch
-hooks and argument protocol as the JIT launcher's last step), keyed by the current device.
+integers call that kernel's launcher directly, keyed by the current device.
+
+The call is the JIT launcher's own last step, `compiled.run(grid0, grid1, grid2, stream, function,
+packed_metadata, launch_metadata, enter_hook, exit_hook, *args)` (the same in Triton 3.6 and 3.8), with
+the grid, function and metadata bound once and the stream read per call. While no launch hook is
+registered (Triton's HookChains empty, as unless a profiler adds one) the metadata and hooks go as
+None, which the C launcher skips: the JIT launcher would build a metadata dict and call two empty
+chains per launch. With a hook registered, or a Triton whose hooks are not HookChains, the call goes
+through `compiled[grid]`, Triton's runner, which builds the metadata and calls them.
 
 Fail-safe: any exception from a direct launch (a Triton whose launcher protocol differs) turns
 direct launches off for the process with one warning and repeats the launch through the JIT
@@ -64,7 +71,7 @@ def launch(kernel, grid: tuple, consts: tuple, options: dict, cache: dict, args:
         runner = cache.get(key)
         if runner is not None:
             try:
-                runner(*args, *consts)
+                runner(device, args, consts)
                 return
             except Exception as e:  # noqa: BLE001 - any failure: off for good, then the JIT launcher
                 _state["on"] = False
@@ -75,10 +82,46 @@ def launch(kernel, grid: tuple, consts: tuple, options: dict, cache: dict, args:
         if compiled is not None and _state["on"] and hasattr(compiled, "__getitem__"):
             if len(cache) >= MAX_RUNNERS:   # integers that change every call (strides): stay bounded
                 cache.clear()
-            # Triton's runner reads grid[0], grid[1], grid[2] as given (the JIT launcher pads them)
-            cache[key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+            cache[key] = runner_of(compiled, grid)
         return
     kernel.run(*args, *consts, grid=grid, warmup=False, **options)
+
+
+def _hook_chain_type():
+    try:
+        from triton.knobs import HookChain, runtime
+    except ImportError:   # a Triton without HookChains: every direct launch goes through Triton's runner
+        return None, None
+    return HookChain, runtime
+
+
+_HookChain, _runtime = _hook_chain_type()
+
+
+def _stream_function():
+    """The active driver's current-stream query (torch's raw stream getter on CUDA)."""
+    from triton.runtime import driver
+    return driver.active.get_current_stream
+
+
+def runner_of(compiled, grid: tuple):
+    """A direct launcher for `compiled`: runner(device, args, consts) launches it on the current stream."""
+    grid = tuple(grid) + (1,) * (3 - len(grid))   # Triton's runner reads grid[0..2] as given
+    full = compiled[grid]                          # also loads the module (CompiledKernel._init_handles)
+    if _HookChain is None:
+        return lambda device, args, consts: full(*args, *consts)
+    run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    stream_of = _stream_function()
+    g0, g1, g2 = grid
+    chain, runtime = _HookChain, _runtime
+
+    def runner(device, args, consts):
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if type(enter) is chain and type(leave) is chain and not enter.calls and not leave.calls:
+            run(g0, g1, g2, stream_of(device), function, metadata, None, None, None, *args, *consts)
+        else:
+            full(*args, *consts)
+    return runner
 
 
 def is_aligned(*tensors) -> bool:
