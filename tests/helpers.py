@@ -145,3 +145,16 @@ def assert_fresh(out: Tensor, *inputs: Tensor | None) -> None:
             continue
         assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), \
             "output shares storage with an input"
+
+
+def far_apart_rows(shape: tuple, dtype: torch.dtype, device, gap: int = (1 << 30) + 64) -> Tensor:
+    """Random data of `shape`, its rows (every index but the last) `gap` elements apart in one storage:
+    from the third row on, element offsets pass 2^31 while the tensor itself holds a few elements.
+    Only those elements are written: the rest of the storage (4 GiB for a 2-byte dtype) stays
+    untouched virtual memory on a CPU."""
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    big = torch.empty((rows - 1) * gap + cols, dtype=dtype, device=device)
+    strides = [gap * math.prod(shape[i + 1:-1]) for i in range(len(shape) - 1)] + [1]
+    view = big.as_strided(shape, strides)
+    view.copy_(torch.randn(shape, device=device).to(dtype))
+    return view

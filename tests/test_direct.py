@@ -128,7 +128,7 @@ def test_launch_configurations_pick_pointers_and_integers_from_the_spec():
     from dyt_kernels.ops import dyt as dyt_ops
     from dyt_kernels.ops import plan as P
     cfg = dyt_ops._forward_launch((64, 384, 384, torch.float32, torch.float32, torch.float32, torch.float32,
-                                   True, True, False, False, torch.device("cpu")))
+                                   True, True, False, False, torch.device("cpu"), False))
     args = tuple(f"t{i}" for i in range(5)) + (64, 384, 384, 384, 384)
     assert cfg.pointers(args) == args[:5] and cfg.integers(args) == args[5:]
     spec = cfg.plan.spec
@@ -340,13 +340,14 @@ def test_partials_start_16_aligned(shape):
     M, N = shape
     for per_row in (False, True):
         key = (M, N, N if not per_row else max(M // 2, 1), torch.float32, torch.float32, torch.float32,
-               torch.float32, True, True, False, per_row, torch.device("cpu"))
+               torch.float32, True, True, False, per_row, torch.device("cpu"), False)
         if per_row and M % key[2]:
             continue
         cfg = dyt_ops._backward_launch(key)
         assert all(off % 16 == 0 for off, *_ in cfg.finish.jobs), cfg.finish.jobs
     B, L, D = 3, M, N
     flags = (True, True, True, True, True, True, False, False, False, False)
-    cfg = mod_ops._backward_launch((B, L, D, torch.float32, *[torch.float32] * 7, *flags, torch.device("cpu")))
+    cfg = mod_ops._backward_launch((B, L, D, torch.float32, *[torch.float32] * 7, *flags, torch.device("cpu"),
+                                    False))
     assert cfg.plan.sample_stride % 16 == 0 and cfg.plan.channel_stride % 16 == 0
     assert all(off % 16 == 0 for off, *_ in cfg.finish.jobs), cfg.finish.jobs

@@ -380,6 +380,28 @@ def test_more_than_65535_rows(device):
     check_dyt(x, alpha, w, b)
 
 
+@pytest.mark.parametrize("strided", ["x", "x and dy"])
+def test_strided_rows_whose_offsets_pass_2_31(strided, device):
+    """Three rows of eight fp16 channels, 2^30 + 64 elements apart: the third row's offsets pass 2^31
+    though rows * channels is 24. The kernels must index in 64 bits (int32 offsets wrapped to the
+    wrong memory: a crash, or silently wrong rows)."""
+    from helpers import far_apart_rows
+    x = far_apart_rows((3, 8), torch.float16, device).requires_grad_()
+    dy = far_apart_rows((3, 8), torch.float16, device) if strided == "x and dy" else torch.randn(3, 8, device=device,
+                                                                                                 dtype=torch.float16)
+    alpha = torch.tensor([0.7], device=device, requires_grad=True)
+    w, b = (torch.randn(8, device=device, requires_grad=True) for _ in range(2))
+    with use_backend("triton"):
+        y = dyt(x, alpha, w, b)
+        grads = torch.autograd.grad(y, (x, alpha, w, b), dy)
+    x64, a64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, alpha, w, b))
+    y64 = reference.dyt(x64, a64, w64, b64)
+    g64 = torch.autograd.grad(y64, (x64, a64, w64, b64), dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=2e-3, atol=2e-3)   # fp16 output: 2^-11 relative
+    for g, r in zip(grads, g64):
+        torch.testing.assert_close(g.double(), r, rtol=2e-3, atol=2e-3)
+
+
 def check_tail_rows(rows, D, device):
     """bf16 (rows, D) forward + backward on the Triton path; rows around element 2^31 checked against
     the float64 reference, dbias (dy = 1) exactly."""

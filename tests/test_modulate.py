@@ -10,7 +10,8 @@ import torch
 
 import dyt_kernels
 from dyt_kernels import ModulatedDyT, dyt_modulate, layernorm_modulate, reference, use_backend
-from helpers import FP32_EPS, TANH_F32_ABS_ERR, assert_close_3way, eps, max_abs, poisoned_empty, rms
+from helpers import (FP32_EPS, TANH_F32_ABS_ERR, assert_close_3way, eps, far_apart_rows, max_abs, poisoned_empty,
+                     rms)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -125,6 +126,35 @@ def test_modulate_mixed_modulation_shapes(device):
     args["shift"] = _mod("token", 2, 6, 40, torch.float32, device)
     args["gate"] = _mod("sample3", 2, 6, 40, torch.float32, device)
     _check(args, torch.float32, device)
+
+
+@pytest.mark.parametrize("far", ["x", "residual and dh", "scale"])
+def test_modulate_operands_whose_offsets_pass_2_31(far, device):
+    """One operand's rows 2^30 + 64 elements apart (three samples of one token, eight channels): its
+    offsets pass 2^31 though B * L * D is 24, so the kernels must index in 64 bits. The others are
+    ordinary tensors; forward and backward against float64."""
+    B, L, D = 3, 1, 8
+    dt = torch.float16
+
+    def make(name, shape):
+        t = far_apart_rows(shape, dt, device) if name in far else torch.randn(shape, device=device).to(dt)
+        return t.requires_grad_()
+    x, res = make("x", (B, L, D)), make("residual", (B, L, D))
+    scale = make("scale", (B, L, D))   # (B, 1, D): one vector per sample, its sample stride the gap
+    shift, gate = (torch.randn(B, D, device=device).to(dt).requires_grad_() for _ in range(2))
+    alpha = torch.tensor([0.7], device=device, requires_grad=True)
+    w, b = (torch.randn(D, device=device, requires_grad=True) for _ in range(2))
+    dh = far_apart_rows((B, L, D), dt, device) if "dh" in far else torch.randn(B, L, D, device=device).to(dt)
+    dr = torch.randn(B, L, D, device=device).to(dt)
+    inputs = (x, alpha, shift, scale, w, b, res, gate)
+    with use_backend("triton"):
+        h, r = dyt_modulate(x, alpha, shift, scale, w, b, residual=res, gate=gate)
+        grads = torch.autograd.grad((h, r), inputs, (dh, dr))
+    in64 = [t.detach().double().requires_grad_() for t in inputs]
+    h64, r64 = reference.dyt_modulate(*in64)
+    g64 = torch.autograd.grad((h64, r64), in64, (dh.double(), dr.double()))
+    for got, want in zip((h, r, *grads), (h64, r64, *g64)):
+        torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=4e-3)   # fp16 storage: 2^-11 relative
 
 
 def test_modulate_many_rows(device):

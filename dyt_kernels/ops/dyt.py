@@ -241,10 +241,11 @@ MAX_BLOCK_N = 1024
 
 @functools.lru_cache(maxsize=4096)
 def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
-                 props: P.DeviceProps) -> P.ForwardPlan:
+                 props: P.DeviceProps, wide: bool = False) -> P.ForwardPlan:
+    """wide: a strided operand's offsets reach 2^31 elements (P.row_span), so 64-bit indexing."""
     P.check_rows(M)
     tile = P.streaming_tile(M, N, dtype, MAX_BLOCK_N)
-    index64 = P.needs_index64(M * N)
+    index64 = P.needs_index64(M * N) or wide
     alpha_t, w_t, b_t = param_dtypes
     cols_bytes = lambda t: P.cdiv(P.vector_width(dtype) * torch.empty((), dtype=t).element_size(), 16)  # noqa: E731
     vectors = 1 + sum(cols_bytes(t) for t, on in ((alpha_t, flags.alpha_per_channel), (w_t, flags.has_weight),
@@ -264,13 +265,13 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
 
 @functools.lru_cache(maxsize=4096)
 def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
-                  props: P.DeviceProps) -> BackwardPlan:
+                  props: P.DeviceProps, wide: bool = False) -> BackwardPlan:
     P.check_rows(M)
     elem = torch.empty((), dtype=dtype).element_size()
     # Per thread and stream, 32 bytes (two 16-byte vectors) of the tile, at up to 16 warps.
     per_thread = 32 // elem
     tile = P.tile_for(M, N, BWD_WARPS * 32 * per_thread, MAX_BLOCK_N, BWD_WARPS, per_thread)
-    index64 = P.needs_index64(M * N)
+    index64 = P.needs_index64(M * N) or wide
     alpha_t, w_t, _ = param_dtypes
     spec = P.KernelSpec(
         _dyt_bwd_kernel,
@@ -372,14 +373,16 @@ _BWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, devic
 
 
 def _forward_launch(key) -> P.Launch:
-    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device = key
-    p = plan_forward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device))
+    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device, wide = key
+    p = plan_forward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device),
+                     wide)
     return _FWD.add(key, P.launch_of(p, p.spec, p.grid))
 
 
 def _backward_launch(key) -> P.Launch:
-    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device = key
-    p = plan_backward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device))
+    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device, wide = key
+    p = plan_backward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device),
+                      wide)
     return _BWD.add(key, P.launch_of(p, p.spec, p.grid, _finish_plan(p, M, C, has_w, has_b, apc, per_row)))
 
 
@@ -395,11 +398,11 @@ def _finish_plan(p: BackwardPlan, M: int, C: int, has_w: bool, has_b: bool, apc:
     return plan_finish(jobs)
 
 
-def _key(x2: Tensor, C: int, x: Tensor, alpha: Tensor, weight, bias, per_row: bool) -> tuple:
+def _key(x2: Tensor, C: int, x: Tensor, alpha: Tensor, weight, bias, per_row: bool, wide: bool) -> tuple:
     M, N = x2.shape
     return (M, N, C, x.dtype, alpha.dtype, alpha.dtype if weight is None else weight.dtype,
             alpha.dtype if bias is None else bias.dtype, weight is not None, bias is not None, alpha.numel() > 1,
-            per_row, x.device)
+            per_row, x.device, wide)
 
 
 def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool,
@@ -433,7 +436,11 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
             return y
         x2, y2 = as_rows(x, layout, C), as_rows(y, layout, C)
     M, N = x2.shape
-    cfg = P.cached_launch(slot, 0, _FWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row), _forward_launch)
+    # A strided x whose offsets reach 2^31 elements needs 64-bit indexing, which M * N alone does not
+    # show; such a call never takes or fills the signature's slot (its strides are not in it).
+    wide = P.needs_index64(P.row_span(x2))
+    cfg = P.cached_launch(None if wide else slot, 0, _FWD,
+                          lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row, wide), _forward_launch)
     P.run(_dyt_fwd_kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
           x2 if bias is None else bias, M, N, C, x2.stride(0), y2.stride(0))
     return y
@@ -461,8 +468,9 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
         M, N = x2.shape
         strides = (dy2.stride(0), x2.stride(0), dx2.stride(0))
-        cfg = P.cached_launch(slot, 1, _BWD, lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row),
-                              _backward_launch)
+        wide = P.needs_index64(P.row_span(dy2), P.row_span(x2))   # dx2 is dense: M * N
+        cfg = P.cached_launch(None if wide else slot, 1, _BWD,
+                              lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row, wide), _backward_launch)
         p, fixed = cfg.plan, False
     part = torch.empty(3 * p.part_stride, dtype=torch.float32, device=x.device)
     da = torch.empty_like(alpha)

@@ -366,12 +366,13 @@ def _divisible(values: dict[str, int]) -> tuple:
 
 @functools.lru_cache(maxsize=4096)
 def plan_forward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flags: FwdFlags,
-                 props: P.DeviceProps) -> P.ForwardPlan:
-    """dtypes: (residual, gate, shift, scale, alpha, weight, bias) element types."""
+                 props: P.DeviceProps, wide: bool = False) -> P.ForwardPlan:
+    """dtypes: (residual, gate, shift, scale, alpha, weight, bias) element types; wide: a strided
+    operand's offsets reach 2^31 elements (_wide), so 64-bit indexing."""
     M = B * L
     P.check_rows(M)
     tile = P.streaming_tile(M, D, dtype, _FWD_MAX_BLOCK_N)
-    index64 = P.needs_index64(M * D)
+    index64 = P.needs_index64(M * D) or wide
     res_t, gate_t, shift_t, scale_t, alpha_t, w_t, b_t = dtypes
     # 16-byte vectors a thread loads: x, shift, scale (+ residual, gate), and the per-channel vectors,
     # each as wide as its dtype makes the tile's columns.
@@ -414,14 +415,14 @@ def choose_split(B: int, T: int, programs: int) -> tuple[int, int, int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def plan_backward(B: int, L: int, D: int, dtype: torch.dtype, dtypes: tuple, flags: BwdFlags,
-                  props: P.DeviceProps) -> BackwardPlan:
+                  props: P.DeviceProps, wide: bool = False) -> BackwardPlan:
     """dtypes: (r, gate, scale, alpha, weight, bias, shift) element types."""
     M = B * L
     P.check_rows(M)
     per_thread = P.vector_width(dtype) * BWD_VECTORS
     # Rows of one sample at most (a tile never spans two samples), columns to fill the warps.
     tile = P.tile_for(min(L, M), D, BWD_WARPS * 32 * per_thread, BWD_MAX_BLOCK_N, BWD_WARPS, per_thread)
-    index64 = P.needs_index64(M * D)
+    index64 = P.needs_index64(M * D) or wide
     r_t, gate_t, scale_t, alpha_t, w_t, b_t, shift_t = dtypes
     ints = {"N": D, "L": L, "S": 1, "TPC": 1, "U": 1, "units": 1, "stride_dhm": D, "stride_drm": D,
             "stride_rm": D, "stride_xm": D, "stride_drtm": D, "stride_dxm": D, "stride_gb": D, "stride_gl": D,
@@ -497,14 +498,14 @@ _BWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, devic
 
 def _forward_launch(key) -> P.Launch:
     B, L, D, dtype, *dtypes = key[:11]
-    p = plan_forward(B, L, D, dtype, tuple(dtypes), FwdFlags(*key[11:16]), P.device_props(key[16]))
+    p = plan_forward(B, L, D, dtype, tuple(dtypes), FwdFlags(*key[11:16]), P.device_props(key[16]), key[17])
     return _FWD.add(key, P.launch_of(p, p.spec, p.grid))
 
 
 def _backward_launch(key) -> P.Launch:
     B, L, D, dtype, *dtypes = key[:11]
     flags = BwdFlags(*key[11:21])
-    p = plan_backward(B, L, D, dtype, tuple(dtypes), flags, P.device_props(key[21]))
+    p = plan_backward(B, L, D, dtype, tuple(dtypes), flags, P.device_props(key[21]), key[22])
     return _BWD.add(key, P.launch_of(p, p.spec, p.grid, _finish_plan(p, flags, B, D)))
 
 
@@ -539,6 +540,14 @@ def _mod_strides(m: Tensor | None, L: int) -> tuple[Tensor | None, int, int]:
     if per_token(m, L):
         return m, m.stride(0), m.stride(1)
     return m, m.stride(0), 0
+
+
+def _wide(B: int, L: int, D: int, rows: tuple, mods: tuple) -> bool:
+    """Whether any operand's element offsets reach 2^31: the (rows, D) views, and the modulations as
+    (sample stride, token stride) pairs (token stride 0 when per sample)."""
+    spans = [P.row_span(t) for t in rows]
+    spans += [(B - 1) * sb + (L - 1) * sl + D for sb, sl in mods]
+    return P.needs_index64(*spans)
 
 
 def _dt(t: Tensor | None, default: torch.dtype) -> torch.dtype:
@@ -577,15 +586,16 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
     gate_t, sgb, sgl = _mod_strides(gate, L)
     shift_t, sshb, sshl = _mod_strides(shift, L)
     scale_t, sscb, sscl = _mod_strides(scale, L)
+    wide = _wide(B, L, D, (x2, res2), ((sgb, sgl), (sshb, sshl), (sscb, sscl)))   # h2, r2: dense
     key = (B, L, D, x.dtype, _dt(residual, x.dtype), _dt(gate, x.dtype), shift.dtype, scale.dtype, alpha.dtype,
            _dt(weight, alpha.dtype), _dt(bias, alpha.dtype), residual is not None, gate is not None,
-           weight is not None, bias is not None, alpha.numel() > 1, x.device)
+           weight is not None, bias is not None, alpha.numel() > 1, x.device, wide)
     cfg = _FWD.get(key) or _forward_launch(key)
     ints = (B * L, D, L, x2.stride(0), res2.stride(0), h2.stride(0), r2.stride(0), sgb, sgl, sshb, sshl, sscb, sscl)
     P.run(_modulate_fwd_kernel, cfg, launch,
           x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
           x2 if weight is None else weight, x2 if bias is None else bias, h2, r2, *ints)
-    if slot is not None and slot[2] and launch is None:
+    if slot is not None and slot[2] and launch is None and not wide:
         slot[0] = (cfg, ints)   # read in place: the views above were the tensors themselves
     return h, r
 
@@ -635,16 +645,18 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
         dx2 = dx.view(-1, D)
         gate_t, sgb, sgl = _mod_strides(gate, L)
         scale_t, sscb, sscl = _mod_strides(scale, L)
+        # drt2, dx2 and the per-token gradients are dense (B*L*D); a per-sample one's offsets are in the partials
+        wide = _wide(B, L, D, (dh2, dr2, r2, x2), ((sgb, sgl), (sscb, sscl)))
         key = (B, L, D, x.dtype, r.dtype, _dt(gate, x.dtype), scale.dtype, alpha.dtype, _dt(weight, alpha.dtype),
                _dt(bias, alpha.dtype), shift.dtype, has_residual, dr is not None, gate is not None, write_dx,
-               weight is not None, bias is not None, alpha.numel() > 1, shift_tok, scale_tok, gate_tok, dev)
+               weight is not None, bias is not None, alpha.numel() > 1, shift_tok, scale_tok, gate_tok, dev, wide)
         cfg = _BWD.get(key) or _backward_launch(key)
         p = cfg.plan
         ints = (D, L, p.chunks, p.tiles_per_chunk, p.units_per_program, B * p.chunks,
                 dh2.stride(0), dr2.stride(0), r2.stride(0), x2.stride(0), drt2.stride(0), dx2.stride(0),
                 sgb, sgl, sscb, sscl, p.sample_stride, p.channel_stride)
         contiguous = dh.is_contiguous() and (dr is None or dr.is_contiguous())
-        if slot is not None and slot[2] and launch is None and contiguous:
+        if slot is not None and slot[2] and launch is None and contiguous and not wide:
             slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints)
     part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
     args = (dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,

@@ -247,6 +247,13 @@ def needs_index64(*numels: int) -> bool:
     return max(numels, default=0) >= INT32_LIMIT
 
 
+def row_span(t) -> int:
+    """How far the element offsets of a (rows, cols) view with unit column stride reach: a strided
+    view's rows can reach past 2^31 elements while rows * cols stays far below."""
+    M, N = t.shape
+    return 0 if M == 0 else (M - 1) * t.stride(0) + N
+
+
 def check_rows(M: int) -> None:
     if M >= INT32_LIMIT:
         raise ValueError(f"x has {M} rows (elements / channels); at most 2^31 - 1 rows are supported")
