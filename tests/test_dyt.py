@@ -14,7 +14,6 @@ import dyt_kernels
 from dyt_kernels import dyt, reference, use_backend
 from dyt_kernels.backend import INTERPRETER
 from dyt_kernels.ops import dyt as dyt_ops, plan
-from dyt_kernels.ops.primitives import TANH_APPROX
 from helpers import (FP32_EPS, TANH_APPROX_ERR, TANH_F32_ABS_ERR, tanh_abs_err, assert_close_3way, assert_fresh, elementwise_atol, max_abs,
                      max_abs_err, poisoned_empty, reduction_atol, rms)
 
@@ -400,6 +399,57 @@ def test_strided_rows_whose_offsets_pass_2_31(strided, device):
     torch.testing.assert_close(y.double(), y64, rtol=2e-3, atol=2e-3)   # fp16 output: 2^-11 relative
     for g, r in zip(grads, g64):
         torch.testing.assert_close(g.double(), r, rtol=2e-3, atol=2e-3)
+
+
+def test_row_levels():
+    """Which layouts are read in place as three strided levels: not those a (rows, C) view covers, not
+    those needing four; size-1 dims drop out and dims that tile each other merge."""
+    from dyt_kernels.ops.dyt import row_levels
+    qkv = torch.empty(2, 5, 3 * 4 * 8)
+    q = qkv.view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)[0]           # (B, H, L, d): timm's head view
+    assert row_levels(q, 8) == (5, 4, 96, 8, 480)
+    assert row_levels(qkv.view(2, 5, 3, 4, 8)[:, :, 0], 8) == (4, 10, 8, 96, 0)   # (B, L, H, d): (b, l) merge
+    assert row_levels(torch.empty(6, 7, 8), 8) is None                # contiguous: one level, a view
+    assert row_levels(torch.empty(6, 7, 8)[:, :, :4], 4) is None      # one level of stride 8, a view
+    assert row_levels(torch.empty(2, 1, 3, 4, 8).permute(3, 1, 0, 2, 4), 8) is not None  # size 1 dropped
+    four = torch.empty(2, 3, 4, 5, 8).permute(3, 1, 0, 2, 4)
+    assert row_levels(four, 8) is None                                # four levels: a copy
+    assert row_levels(torch.empty(8, 6).t()[:, None, :].expand(6, 2, 8), 8) is None   # channel stride 6
+
+
+@pytest.mark.parametrize("view", ["timm qkv head view", "flux rearranged head view", "sliced heads"])
+def test_head_views_are_read_in_place(view, device):
+    """QK-norm on attention's head views of a fused qkv projection: x is read in place through three
+    strided levels (no copy, in either direction) and forward and backward match float64."""
+    from einops import rearrange
+
+    from dyt_kernels.ops import dyt as D
+    B, L, H, d = 2, 7, 3, 16
+    base = torch.randn(B, L, 3 * H * d, device=device, requires_grad=True)
+
+    def head_view(t):
+        if view == "timm qkv head view":
+            return t.reshape(B, L, 3, H, d).permute(2, 0, 3, 1, 4)[1]
+        if view == "flux rearranged head view":
+            return rearrange(t, "b l (qkv h d) -> qkv b h l d", qkv=3, h=H)[0]
+        return t.reshape(B, L, 3 * H, d)[:, :, 1:H + 1].transpose(1, 2)
+    x = head_view(base)
+    assert D.row_levels(x, d) is not None
+    alpha = torch.tensor([0.6], device=device, requires_grad=True)
+    w, b = (torch.randn(d, device=device, requires_grad=True) for _ in range(2))
+    D._FWD.clear()
+    D._BWD.clear()
+    with use_backend("triton"):
+        y = dyt(x, alpha, w, b)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (base, alpha, w, b), dy)
+    assert [k[-1] for k in D._FWD] == [3] and [k[-1] for k in D._BWD] == [3]   # both kernels read x in place
+    leaves64 = [t.detach().double().requires_grad_() for t in (base, alpha, w, b)]
+    y64 = reference.dyt(head_view(leaves64[0]), *leaves64[1:])
+    g64 = torch.autograd.grad(y64, leaves64, dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, g64):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
 def check_tail_rows(rows, D, device):

@@ -32,7 +32,7 @@ from . import direct
 from . import plan as P
 from .finish import launch_finish, plan_finish
 from .primitives import (TANH_APPROX, TANH_F32, channel_cols, load_channels, load_row_vector, load_tile,
-                         row_offsets, tanh_f32)
+                         row_offsets, tanh_f32, x_row_offsets)
 
 
 @triton.jit
@@ -44,8 +44,9 @@ def _dyt_fwd_kernel(
     b_ptr,      # (C,) bias, read only if HAS_BIAS
     M, N, C,    # rows, columns, channels
     stride_xm, stride_ym,
+    x_n2, x_n1, stride_x1, stride_x0,   # X_LEVELS = 3: x's rows as three strided levels (stride_xm innermost)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
-    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr, X_LEVELS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -55,7 +56,8 @@ def _dyt_fwd_kernel(
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
-    x = load_tile(x_ptr, row_offsets(rows, stride_xm, INDEX_64), cols, mask)
+    x = load_tile(x_ptr, x_row_offsets(rows, stride_xm, x_n2, x_n1, stride_x1, stride_x0, X_LEVELS, INDEX_64), cols,
+                  mask)
     if PER_ROW:
         ch = rows % C
         if ALPHA_PER_CHANNEL:
@@ -109,8 +111,9 @@ def _dyt_bwd_kernel(
     stride_dym, stride_xm, stride_dxm,
     steps,      # tiles each program walks along the reduced axis
     part_stride,
+    x_n2, x_n1, stride_x1, stride_x0,   # X_LEVELS = 3: x's rows as three strided levels (stride_xm innermost)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
-    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr, X_LEVELS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A program owns one block of channels and walks `steps` tiles along the other axis: its
@@ -150,7 +153,8 @@ def _dyt_bwd_kernel(
         limit_n = N
 
     rows, cols, mask = _bwd_tile(0, first, fixed, limit_m, limit_n, PER_ROW, BLOCK_M, BLOCK_N)
-    x_next = tl.load(x_ptr + row_offsets(rows, stride_xm, INDEX_64) + cols[None, :], mask=mask, other=0.0)
+    x_next = tl.load(x_ptr + x_row_offsets(rows, stride_xm, x_n2, x_n1, stride_x1, stride_x0, X_LEVELS, INDEX_64)
+                     + cols[None, :], mask=mask, other=0.0)
     dy_next = tl.load(dy_ptr + row_offsets(rows, stride_dym, INDEX_64) + cols[None, :], mask=mask, other=0.0)
     acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -160,8 +164,8 @@ def _dyt_bwd_kernel(
         dy = dy_next.to(tl.float32)
         rows, cols, mask = _bwd_tile(s, first, fixed, limit_m, limit_n, PER_ROW, BLOCK_M, BLOCK_N)
         rows_n, cols_n, mask_n = _bwd_tile(s + 1, first, fixed, limit_m, limit_n, PER_ROW, BLOCK_M, BLOCK_N)
-        x_next = tl.load(x_ptr + row_offsets(rows_n, stride_xm, INDEX_64) + cols_n[None, :], mask=mask_n,
-                         other=0.0)
+        x_next = tl.load(x_ptr + x_row_offsets(rows_n, stride_xm, x_n2, x_n1, stride_x1, stride_x0, X_LEVELS,
+                                               INDEX_64) + cols_n[None, :], mask=mask_n, other=0.0)
         dy_next = tl.load(dy_ptr + row_offsets(rows_n, stride_dym, INDEX_64) + cols_n[None, :], mask=mask_n,
                           other=0.0)
         # Padded lanes hold x = dy = 0, but an infinite alpha or weight there would still give
@@ -209,11 +213,16 @@ def tanh_mode(dtype: torch.dtype, props: P.DeviceProps) -> int:
     return TANH_APPROX
 
 
-def _constexprs(flags: Flags, dtype, props, index64: bool, tile: P.Tile) -> tuple:
+def _constexprs(flags: Flags, dtype, props, index64: bool, tile: P.Tile, levels: int) -> tuple:
     return (("HAS_WEIGHT", flags.has_weight), ("HAS_BIAS", flags.has_bias),
             ("ALPHA_PER_CHANNEL", flags.alpha_per_channel), ("PER_ROW", flags.per_row),
-            ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
+            ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64), ("X_LEVELS", levels),
             ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n))
+
+
+# x's three-level row arguments when its rows are one strided level (unused there)
+ONE_LEVEL = (1, 1, 0, 0)
+_LEVEL_ARGS = (("x_n2", "i32"), ("x_n1", "i32"), ("stride_x1", "i32"), ("stride_x0", "i32"))
 
 
 def _divisible(values: dict[str, int]) -> tuple:
@@ -241,8 +250,9 @@ MAX_BLOCK_N = 1024
 
 @functools.lru_cache(maxsize=4096)
 def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
-                 props: P.DeviceProps, wide: bool = False) -> P.ForwardPlan:
-    """wide: a strided operand's offsets reach 2^31 elements (P.row_span), so 64-bit indexing."""
+                 props: P.DeviceProps, wide: bool = False, levels: int = 1) -> P.ForwardPlan:
+    """wide: a strided operand's offsets reach 2^31 elements (P.row_span), so 64-bit indexing;
+    levels: 3 when x's rows are three strided levels (row_levels), else 1."""
     P.check_rows(M)
     tile = P.streaming_tile(M, N, dtype, MAX_BLOCK_N)
     index64 = P.needs_index64(M * N) or wide
@@ -254,8 +264,8 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
         _dyt_fwd_kernel,
         (("x_ptr", P.pointer(dtype)), ("y_ptr", P.pointer(dtype)), ("alpha_ptr", P.pointer(alpha_t)),
          ("w_ptr", P.pointer(w_t)), ("b_ptr", P.pointer(b_t)), ("M", "i32"), ("N", "i32"), ("C", "i32"),
-         ("stride_xm", "i32"), ("stride_ym", "i32")),
-        _constexprs(flags, dtype, props, index64, tile),
+         ("stride_xm", "i32"), ("stride_ym", "i32")) + _LEVEL_ARGS,
+        _constexprs(flags, dtype, props, index64, tile, levels),
         ("x_ptr", "y_ptr", "alpha_ptr", "w_ptr", "b_ptr") + _divisible({"M": M, "N": N, "C": C, "stride_xm": N,
                                                                       "stride_ym": N}),
         tile.num_warps, P.streaming_maxnreg(vectors))
@@ -265,7 +275,7 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
 
 @functools.lru_cache(maxsize=4096)
 def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple, flags: Flags,
-                  props: P.DeviceProps, wide: bool = False) -> BackwardPlan:
+                  props: P.DeviceProps, wide: bool = False, levels: int = 1) -> BackwardPlan:
     P.check_rows(M)
     elem = torch.empty((), dtype=dtype).element_size()
     # Per thread and stream, 32 bytes (two 16-byte vectors) of the tile, at up to 16 warps.
@@ -278,8 +288,8 @@ def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tupl
         (("dy_ptr", P.pointer(dtype)), ("x_ptr", P.pointer(dtype)), ("dx_ptr", P.pointer(dtype)),
          ("alpha_ptr", P.pointer(alpha_t)), ("w_ptr", P.pointer(w_t)), ("part_ptr", "*fp32"),
          ("M", "i32"), ("N", "i32"), ("C", "i32"), ("stride_dym", "i32"), ("stride_xm", "i32"),
-         ("stride_dxm", "i32"), ("steps", "i32"), ("part_stride", "i32")),
-        _constexprs(flags, dtype, props, index64, tile),
+         ("stride_dxm", "i32"), ("steps", "i32"), ("part_stride", "i32")) + _LEVEL_ARGS,
+        _constexprs(flags, dtype, props, index64, tile, levels),
         ("dy_ptr", "x_ptr", "dx_ptr", "alpha_ptr", "w_ptr", "part_ptr", "part_stride") + _divisible(
             {"M": M, "N": N, "C": C, "stride_dym": N, "stride_xm": N, "stride_dxm": N}),
         tile.num_warps)
@@ -373,16 +383,16 @@ _BWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, devic
 
 
 def _forward_launch(key) -> P.Launch:
-    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device, wide = key
+    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device, wide, levels = key
     p = plan_forward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device),
-                     wide)
+                     wide, levels)
     return _FWD.add(key, P.launch_of(p, p.spec, p.grid))
 
 
 def _backward_launch(key) -> P.Launch:
-    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device, wide = key
+    M, N, C, dtype, alpha_t, w_t, b_t, has_w, has_b, apc, per_row, device, wide, levels = key
     p = plan_backward(M, N, C, dtype, (alpha_t, w_t, b_t), Flags(has_w, has_b, apc, per_row), P.device_props(device),
-                      wide)
+                      wide, levels)
     return _BWD.add(key, P.launch_of(p, p.spec, p.grid, _finish_plan(p, M, C, has_w, has_b, apc, per_row)))
 
 
@@ -398,11 +408,46 @@ def _finish_plan(p: BackwardPlan, M: int, C: int, has_w: bool, has_b: bool, apc:
     return plan_finish(jobs)
 
 
-def _key(x2: Tensor, C: int, x: Tensor, alpha: Tensor, weight, bias, per_row: bool, wide: bool) -> tuple:
-    M, N = x2.shape
+def _key(M: int, N: int, C: int, x: Tensor, alpha: Tensor, weight, bias, per_row: bool, wide: bool,
+         levels: int) -> tuple:
     return (M, N, C, x.dtype, alpha.dtype, alpha.dtype if weight is None else weight.dtype,
             alpha.dtype if bias is None else bias.dtype, weight is not None, bias is not None, alpha.numel() > 1,
-            per_row, x.device, wide)
+            per_row, x.device, wide, levels)
+
+
+def row_levels(t: Tensor, n: int) -> tuple | None:
+    """t's rows (every index but the last; n columns at unit stride) as three strided levels where one
+    does not serve: (x_n2, x_n1, stride_2, stride_1, stride_0), level sizes and strides innermost
+    first. None where a (rows, n) view exists, or more than three levels are needed (a copy then).
+    Attention's head views of a fused qkv projection, (B, H, L, d) with strides (L*3D, d, 3D, 1),
+    are three levels; dims of size 1 drop out and adjacent dims that tile each other merge."""
+    if t.dim() < 3 or (t.stride(-1) != 1 and n != 1):
+        return None
+    levels: list[list[int]] = []
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+        if size == 1:
+            continue
+        if levels and levels[-1][1] == stride * size:
+            levels[-1] = [levels[-1][0] * size, stride]
+        else:
+            levels.append([size, stride])
+    if not 2 <= len(levels) <= 3:
+        return None
+    (_, s0), (n1, s1), (n2, s2) = [[1, 0]] * (3 - len(levels)) + levels
+    return n2, n1, s2, s1, s0
+
+
+def x_rows(t: Tensor, n: int) -> tuple[Tensor, int, tuple, int]:
+    """(operand, row stride, three-level arguments, span) for reading t as rows of n columns: t itself
+    with its three levels (X_LEVELS = 3), else rows_view's view or contiguous copy (ONE_LEVEL). The
+    span is how far its offsets reach (P.row_span)."""
+    levels = row_levels(t, n)
+    if levels is None:
+        t2 = rows_view(t, n)
+        return t2, t2.stride(0), ONE_LEVEL, P.row_span(t2)
+    n2, n1, s2, s1, s0 = levels
+    outer = t.numel() // (n * n1 * n2)
+    return t, s2, (n2, n1, s1, s0), (outer - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + n
 
 
 def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool,
@@ -418,7 +463,7 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         w = x if weight is None else weight
         b = x if bias is None else bias
         direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
-                      (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N), (x, alpha, w, b))
+                      (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N, *ONE_LEVEL), (x, alpha, w, b))
         return y
     if channels_last:
         C = x.shape[-1]
@@ -426,23 +471,31 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         if x.numel() == 0:
             return y
-        x2 = rows_view(x, C)
-        y2 = y if x2 is x else y.view(-1, C)
+        x2, sx, levels, span = x_rows(x, C)
+        y2 = y.view(-1, C)
     else:
         C = x.shape[1]
         layout = layout_of(x, False)
         y = empty_like_layout(x, layout)
         if x.numel() == 0:
             return y
-        x2, y2 = as_rows(x, layout, C), as_rows(y, layout, C)
-    M, N = x2.shape
+        if layout.moved:
+            x2, sx, levels, span = x_rows(x.movedim(1, -1) if x.dim() > 2 else x, C)
+        else:
+            x2 = as_rows(x, layout, C)
+            sx, levels, span = x2.stride(0), ONE_LEVEL, x2.numel()
+        y2 = as_rows(y, layout, C)
+    M, N = y2.shape
     # A strided x whose offsets reach 2^31 elements needs 64-bit indexing, which M * N alone does not
-    # show; such a call never takes or fills the signature's slot (its strides are not in it).
-    wide = P.needs_index64(P.row_span(x2))
-    cfg = P.cached_launch(None if wide else slot, 0, _FWD,
-                          lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row, wide), _forward_launch)
+    # show; such a call, like one reading x in three levels, never takes or fills the signature's slot
+    # (its strides are not in it).
+    wide = P.needs_index64(span)
+    three = levels is not ONE_LEVEL
+    cfg = P.cached_launch(None if wide or three else slot, 0, _FWD,
+                          lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
+                          _forward_launch)
     P.run(_dyt_fwd_kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
-          x2 if bias is None else bias, M, N, C, x2.stride(0), y2.stride(0))
+          x2 if bias is None else bias, M, N, C, sx, y2.stride(0), *levels)
     return y
 
 
@@ -458,6 +511,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         M, N = p.rows, p.K
         C = N
         strides = (N, N, N)   # the tensors may have more dims than (M, N): their row stride is N
+        levels = ONE_LEVEL
     else:
         C = x.shape[-1] if channels_last else x.shape[1]
         layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
@@ -465,19 +519,26 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         if x.numel() == 0:
             zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
             return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
-        x2, dy2, dx2 = as_rows(x, layout, C), as_rows(dy, layout, C), as_rows(dx, layout, C)
-        M, N = x2.shape
-        strides = (dy2.stride(0), x2.stride(0), dx2.stride(0))
-        wide = P.needs_index64(P.row_span(dy2), P.row_span(x2))   # dx2 is dense: M * N
-        cfg = P.cached_launch(None if wide else slot, 1, _BWD,
-                              lambda: _key(x2, C, x, alpha, weight, bias, layout.per_row, wide), _backward_launch)
+        if layout.per_row:
+            x2 = as_rows(x, layout, C)
+            sx, levels, span = x2.stride(0), ONE_LEVEL, x2.numel()
+        else:
+            x2, sx, levels, span = x_rows(x.movedim(1, -1) if layout.moved and x.dim() > 2 else x, C)
+        dy2, dx2 = as_rows(dy, layout, C), as_rows(dx, layout, C)
+        M, N = dx2.shape
+        strides = (dy2.stride(0), sx, dx2.stride(0))
+        wide = P.needs_index64(P.row_span(dy2), span)   # dx2 is dense: M * N
+        three = levels is not ONE_LEVEL
+        cfg = P.cached_launch(None if wide or three else slot, 1, _BWD,
+                              lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
+                              _backward_launch)
         p, fixed = cfg.plan, False
     part = torch.empty(3 * p.part_stride, dtype=torch.float32, device=x.device)
     da = torch.empty_like(alpha)
     dw = None if weight is None else torch.empty_like(weight)
     db = None if bias is None else torch.empty_like(bias)
     w = x2 if weight is None else weight
-    args = (dy2, x2, dx2, alpha, w, part, M, N, C, *strides, p.steps, p.part_stride)
+    args = (dy2, x2, dx2, alpha, w, part, M, N, C, *strides, p.steps, p.part_stride, *levels)
     if fixed:   # the integers are the plan's: a direct launch while the inputs stay aligned
         direct.launch(_dyt_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, (dy2, x2, alpha, w))
     else:

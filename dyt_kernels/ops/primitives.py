@@ -53,6 +53,32 @@ def row_offsets(rows, stride, INDEX_64: tl.constexpr):
 
 
 @triton.jit
+def level_row_offsets(rows, stride_2, n2, n1, stride_1, stride_0, INDEX_64: tl.constexpr):
+    """Element offsets of `rows` of a view whose rows are three strided levels (row = (i0*n1 + i1)*n2
+    + i2, offset i0*stride_0 + i1*stride_1 + i2*stride_2), as a column: attention's head views of a
+    fused qkv projection, read in place. The divisions are 32-bit (rows < 2^31)."""
+    i2 = rows % n2
+    q = rows // n2
+    i1 = q % n1
+    i0 = q // n1
+    if INDEX_64:
+        off = i0.to(tl.int64) * stride_0 + i1.to(tl.int64) * stride_1 + i2.to(tl.int64) * stride_2
+    else:
+        off = i0 * stride_0 + i1 * stride_1 + i2 * stride_2
+    return off[:, None]
+
+
+@triton.jit
+def x_row_offsets(rows, stride_2, n2, n1, stride_1, stride_0, X_LEVELS: tl.constexpr, INDEX_64: tl.constexpr):
+    """Row offsets of x: one strided level (X_LEVELS = 1, `stride_2` its stride) or three."""
+    if X_LEVELS == 3:
+        off = level_row_offsets(rows, stride_2, n2, n1, stride_1, stride_0, INDEX_64)
+    else:
+        off = row_offsets(rows, stride_2, INDEX_64)
+    return off
+
+
+@triton.jit
 def channel_cols(block, BLOCK_N: tl.constexpr):
     """Column indices of column block `block`, marked contiguous so loads can be 16 bytes wide."""
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
