@@ -129,7 +129,7 @@ def test_launch_configurations_pick_pointers_and_integers_from_the_spec():
     from dyt_kernels.ops import plan as P
     cfg = dyt_ops._forward_launch((64, 384, 384, torch.float32, torch.float32, torch.float32, torch.float32,
                                    True, True, False, False, torch.device("cpu"), False, 1))
-    args = tuple(f"t{i}" for i in range(5)) + (64, 384, 384, 384, 384, 1, 1, 0, 0)
+    args = tuple(f"t{i}" for i in range(5)) + (64, 384, 384, 384, 384)
     assert cfg.pointers(args) == args[:5] and cfg.integers(args) == args[5:]
     spec = cfg.plan.spec
     bad = P.KernelSpec(spec.kernel, spec.signature[1:], spec.constexprs, spec.divisible, spec.num_warps)
@@ -311,9 +311,8 @@ def test_constexprs_go_positionally_in_parameter_order():
     kernel = dyt_ops._dyt_fwd_kernel
     consts, options = positional_constexprs(kernel, {"BLOCK_N": 8, "HAS_WEIGHT": True, "HAS_BIAS": False,
                                                      "ALPHA_PER_CHANNEL": False, "PER_ROW": False, "TANH": 1,
-                                                     "INDEX_64": False, "X_LEVELS": 3, "BLOCK_M": 4,
-                                                     "num_warps": 2})
-    assert consts == (True, False, False, False, 1, False, 3, 4, 8) and options == {"num_warps": 2}
+                                                     "INDEX_64": False, "BLOCK_M": 4, "num_warps": 2})
+    assert consts == (True, False, False, False, 1, False, 4, 8) and options == {"num_warps": 2}
     with pytest.raises(ValueError, match="_dyt_fwd_kernel: the constexprs .*'M'.* must be its last parameters"):
         positional_constexprs(kernel, {"M": 3, "BLOCK_N": 8})
 

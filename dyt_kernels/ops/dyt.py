@@ -36,7 +36,7 @@ from .primitives import (TANH_APPROX, TANH_F32, channel_cols, load_channels, loa
 
 
 @triton.jit
-def _dyt_fwd_kernel(
+def _dyt_fwd(
     x_ptr,      # (M, N) input rows, unit column stride
     y_ptr,      # (M, N) output rows
     alpha_ptr,  # (1,) shared or (C,) per channel
@@ -85,6 +85,30 @@ def _dyt_fwd_kernel(
 
 
 @triton.jit
+def _dyt_fwd_kernel(
+    x_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr, M, N, C, stride_xm, stride_ym,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The forward over rows of one stride (the common case: no level arguments to pass)."""
+    _dyt_fwd(x_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr, M, N, C, stride_xm, stride_ym, 1, 1, 0, 0,
+             HAS_WEIGHT, HAS_BIAS, ALPHA_PER_CHANNEL, PER_ROW, TANH, INDEX_64, 1, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dyt_fwd_levels_kernel(
+    x_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr, M, N, C, stride_xm, stride_ym, x_n2, x_n1, stride_x1, stride_x0,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The forward reading x's rows as three strided levels (row_levels)."""
+    _dyt_fwd(x_ptr, y_ptr, alpha_ptr, w_ptr, b_ptr, M, N, C, stride_xm, stride_ym, x_n2, x_n1, stride_x1, stride_x0,
+             HAS_WEIGHT, HAS_BIAS, ALPHA_PER_CHANNEL, PER_ROW, TANH, INDEX_64, 3, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _bwd_tile(s, first, fixed, M, N, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows, columns and mask of a program's s-th tile: rows advance (channels along columns), or
     columns advance (PER_ROW); `first` is the program's first moving index, `fixed` the other axis."""
@@ -99,7 +123,7 @@ def _bwd_tile(s, first, fixed, M, N, PER_ROW: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _dyt_bwd_kernel(
+def _dyt_bwd(
     dy_ptr,     # (M, N) upstream gradient rows
     x_ptr,      # (M, N) saved input rows
     dx_ptr,     # (M, N) output: input gradient rows
@@ -196,6 +220,33 @@ def _dyt_bwd_kernel(
         tl.store(part_ptr + 2 * part_stride + pid, tl.sum(sum_a, axis=0))
 
 
+@triton.jit
+def _dyt_bwd_kernel(
+    dy_ptr, x_ptr, dx_ptr, alpha_ptr, w_ptr, part_ptr, M, N, C, stride_dym, stride_xm, stride_dxm, steps, part_stride,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The backward over rows of one stride (the common case: no level arguments to pass)."""
+    _dyt_bwd(dy_ptr, x_ptr, dx_ptr, alpha_ptr, w_ptr, part_ptr, M, N, C, stride_dym, stride_xm, stride_dxm, steps,
+             part_stride, 1, 1, 0, 0, HAS_WEIGHT, HAS_BIAS, ALPHA_PER_CHANNEL, PER_ROW, TANH, INDEX_64, 1,
+             BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dyt_bwd_levels_kernel(
+    dy_ptr, x_ptr, dx_ptr, alpha_ptr, w_ptr, part_ptr, M, N, C, stride_dym, stride_xm, stride_dxm, steps, part_stride,
+    x_n2, x_n1, stride_x1, stride_x0,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
+    PER_ROW: tl.constexpr, TANH: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The backward reading x's rows as three strided levels (row_levels)."""
+    _dyt_bwd(dy_ptr, x_ptr, dx_ptr, alpha_ptr, w_ptr, part_ptr, M, N, C, stride_dym, stride_xm, stride_dxm, steps,
+             part_stride, x_n2, x_n1, stride_x1, stride_x0, HAS_WEIGHT, HAS_BIAS, ALPHA_PER_CHANNEL, PER_ROW, TANH,
+             INDEX_64, 3, BLOCK_M, BLOCK_N)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launch plans (pure functions of shape, dtypes, flags and device properties; cached).
 
@@ -213,15 +264,15 @@ def tanh_mode(dtype: torch.dtype, props: P.DeviceProps) -> int:
     return TANH_APPROX
 
 
-def _constexprs(flags: Flags, dtype, props, index64: bool, tile: P.Tile, levels: int) -> tuple:
+def _constexprs(flags: Flags, dtype, props, index64: bool, tile: P.Tile) -> tuple:
     return (("HAS_WEIGHT", flags.has_weight), ("HAS_BIAS", flags.has_bias),
             ("ALPHA_PER_CHANNEL", flags.alpha_per_channel), ("PER_ROW", flags.per_row),
-            ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64), ("X_LEVELS", levels),
+            ("TANH", tanh_mode(dtype, props)), ("INDEX_64", index64),
             ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n))
 
 
-# x's three-level row arguments when its rows are one strided level (unused there)
-ONE_LEVEL = (1, 1, 0, 0)
+# x's rows of one stride: no level arguments (the one-level kernels); three: the levels kernels' four
+ONE_LEVEL = ()
 _LEVEL_ARGS = (("x_n2", "i32"), ("x_n1", "i32"), ("stride_x1", "i32"), ("stride_x0", "i32"))
 
 
@@ -260,12 +311,13 @@ def plan_forward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tuple
     cols_bytes = lambda t: P.cdiv(P.vector_width(dtype) * torch.empty((), dtype=t).element_size(), 16)  # noqa: E731
     vectors = 1 + sum(cols_bytes(t) for t, on in ((alpha_t, flags.alpha_per_channel), (w_t, flags.has_weight),
                                                   (b_t, flags.has_bias)) if on and not flags.per_row)
+    three = levels == 3
     spec = P.KernelSpec(
-        _dyt_fwd_kernel,
+        _dyt_fwd_levels_kernel if three else _dyt_fwd_kernel,
         (("x_ptr", P.pointer(dtype)), ("y_ptr", P.pointer(dtype)), ("alpha_ptr", P.pointer(alpha_t)),
          ("w_ptr", P.pointer(w_t)), ("b_ptr", P.pointer(b_t)), ("M", "i32"), ("N", "i32"), ("C", "i32"),
-         ("stride_xm", "i32"), ("stride_ym", "i32")) + _LEVEL_ARGS,
-        _constexprs(flags, dtype, props, index64, tile, levels),
+         ("stride_xm", "i32"), ("stride_ym", "i32")) + (_LEVEL_ARGS if three else ()),
+        _constexprs(flags, dtype, props, index64, tile),
         ("x_ptr", "y_ptr", "alpha_ptr", "w_ptr", "b_ptr") + _divisible({"M": M, "N": N, "C": C, "stride_xm": N,
                                                                       "stride_ym": N}),
         tile.num_warps, P.streaming_maxnreg(vectors))
@@ -283,13 +335,14 @@ def plan_backward(M: int, N: int, C: int, dtype: torch.dtype, param_dtypes: tupl
     tile = P.tile_for(M, N, BWD_WARPS * 32 * per_thread, MAX_BLOCK_N, BWD_WARPS, per_thread)
     index64 = P.needs_index64(M * N) or wide
     alpha_t, w_t, _ = param_dtypes
+    three = levels == 3
     spec = P.KernelSpec(
-        _dyt_bwd_kernel,
+        _dyt_bwd_levels_kernel if three else _dyt_bwd_kernel,
         (("dy_ptr", P.pointer(dtype)), ("x_ptr", P.pointer(dtype)), ("dx_ptr", P.pointer(dtype)),
          ("alpha_ptr", P.pointer(alpha_t)), ("w_ptr", P.pointer(w_t)), ("part_ptr", "*fp32"),
          ("M", "i32"), ("N", "i32"), ("C", "i32"), ("stride_dym", "i32"), ("stride_xm", "i32"),
-         ("stride_dxm", "i32"), ("steps", "i32"), ("part_stride", "i32")) + _LEVEL_ARGS,
-        _constexprs(flags, dtype, props, index64, tile, levels),
+         ("stride_dxm", "i32"), ("steps", "i32"), ("part_stride", "i32")) + (_LEVEL_ARGS if three else ()),
+        _constexprs(flags, dtype, props, index64, tile),
         ("dy_ptr", "x_ptr", "dx_ptr", "alpha_ptr", "w_ptr", "part_ptr", "part_stride") + _divisible(
             {"M": M, "N": N, "C": C, "stride_dym": N, "stride_xm": N, "stride_dxm": N}),
         tile.num_warps)
@@ -463,7 +516,7 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         w = x if weight is None else weight
         b = x if bias is None else bias
         direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
-                      (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N, *ONE_LEVEL), (x, alpha, w, b))
+                      (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N), (x, alpha, w, b))
         return y
     if channels_last:
         C = x.shape[-1]
@@ -490,11 +543,11 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
     # show; such a call, like one reading x in three levels, never takes or fills the signature's slot
     # (its strides are not in it).
     wide = P.needs_index64(span)
-    three = levels is not ONE_LEVEL
+    three = bool(levels)
     cfg = P.cached_launch(None if wide or three else slot, 0, _FWD,
                           lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
                           _forward_launch)
-    P.run(_dyt_fwd_kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
+    P.run(cfg.plan.spec.kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
           x2 if bias is None else bias, M, N, C, sx, y2.stride(0), *levels)
     return y
 
@@ -528,7 +581,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         M, N = dx2.shape
         strides = (dy2.stride(0), sx, dx2.stride(0))
         wide = P.needs_index64(P.row_span(dy2), span)   # dx2 is dense: M * N
-        three = levels is not ONE_LEVEL
+        three = bool(levels)
         cfg = P.cached_launch(None if wide or three else slot, 1, _BWD,
                               lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
                               _backward_launch)
@@ -542,6 +595,6 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     if fixed:   # the integers are the plan's: a direct launch while the inputs stay aligned
         direct.launch(_dyt_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, (dy2, x2, alpha, w))
     else:
-        P.run(_dyt_bwd_kernel, cfg, launch, *args)
+        P.run(p.spec.kernel, cfg, launch, *args)
     launch_finish(cfg.finish, part, [g for g in (dw, db, da) if g is not None], launch)
     return dx, da, dw, db
