@@ -32,6 +32,13 @@ for dt in (f32, bf16, torch.float16):
         M, N, C = (192, 3136, 96) if flags.per_row else (4096, 1152, 1152)
         specs[f"dyt fwd {dt} {flags}"] = D.plan_forward(M, N, C, dt, (f32, f32, f32), flags, H).spec
         specs[f"dyt bwd {dt} {flags}"] = D.plan_backward(M, N, C, dt, (f32, f32, f32), flags, H).spec
+    for flags in (D.Flags(True, True, False, False), D.Flags(False, False, True, False)):
+        for direction, plan in (("fwd", D.plan_forward), ("bwd", D.plan_backward)):
+            # x's rows in three levels (head views of d = 64): the JIT marks the level strides
+            # divisible by 16, as it does a row stride
+            s = plan(4096, 64, 64, dt, (f32, f32, f32), flags, H, False, 3).spec
+            specs[f"dyt {direction} levels {dt} {flags}"] = replace(
+                s, divisible=s.divisible + ("stride_xm", "stride_x1", "stride_x0"))
     for tok in (False, True):
         for res, gate, affine in ((False, False, True), (True, False, False), (True, True, True)):
             ff = Mo.FwdFlags(res, gate, affine, affine, affine)
