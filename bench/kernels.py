@@ -27,21 +27,24 @@ import torch
 
 from . import bytecount, predict, report
 from .runctl import Budget, Stop, choices, compile_settings, stop_on_sigterm, stop_requested
-from .providers import OPS, Context, Provider, make_inputs, providers_for
+from .providers import ALL_OPS, OPS, Context, Provider, make_inputs, providers_for
 from .timing import TimerConfig, clear_grads, rotation, sync, time_calls, use_graph
 
 MODES = bytecount.MODES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# name -> (set, {op: shape}); norm shapes are (rows, channels), adaLN shapes (B, L, D).
+# name -> (set, {op: shape}); norm shapes are (rows, channels), adaLN shapes (B, L, D), QK-norm head
+# views (B, L, H, d).
 SHAPES = {
-    "mnist-seed": ("seed", {"norm": (1024 * 16, 384), "adaln": (1024, 16, 384)}),    # seed: 1024 x 16 tokens x 384
+    "mnist-seed": ("seed", {"norm": (1024 * 16, 384), "adaln": (1024, 16, 384),     # seed: 1024 x 16 tokens x 384
+                            "qknorm": (1024, 16, 6, 64)}),                           # 6 heads of 64
     "pixart-xl": ("prod", {"norm": (4 * 4096, 1152), "adaln": (4, 4096, 1152)}),     # 1024 px: 4096 tokens, B=4
-    "flux": ("prod", {"norm": (2 * 4608, 3072), "adaln": (2, 4608, 3072)}),          # 4096 image + 512 text, B=2
+    "flux": ("prod", {"norm": (2 * 4608, 3072), "adaln": (2, 4608, 3072),            # 4096 image + 512 text, B=2
+                      "qknorm": (2, 4608, 24, 128)}),                                # 24 heads of 128
     "llm-4k": ("prod", {"norm": (16384, 4096)}),
     "llm-8k": ("prod", {"norm": (16384, 8192)}),
-    "smoke-a": ("smoke", {"norm": (24, 64), "adaln": (2, 12, 64)}),
-    "smoke-b": ("smoke", {"norm": (48, 96), "adaln": (3, 16, 96)}),
+    "smoke-a": ("smoke", {"norm": (24, 64), "adaln": (2, 12, 64), "qknorm": (2, 12, 2, 32)}),
+    "smoke-b": ("smoke", {"norm": (48, 96), "adaln": (3, 16, 96), "qknorm": (3, 16, 3, 32)}),
 }
 
 
@@ -54,6 +57,9 @@ def op_traffic(op: str, mode: str, shape: tuple, dtype: torch.dtype) -> dict:
     elem = torch.empty((), dtype=dtype).element_size()
     if op == "norm":
         return bytecount.norm_traffic(mode, *shape, elem)
+    if op == "qknorm":   # a norm over B*L*H rows of d, read in place from the head view
+        B, L, H, d = shape
+        return bytecount.norm_traffic(mode, B * L * H, d, elem)
     return bytecount.adaln_traffic(mode, *shape, elem, residual=op == "adaln_res", gate=op == "adaln_res")
 
 
@@ -226,7 +232,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     ", ".join(SHAPES))
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: " + ", ".join(DTYPES))
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
-    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ", ".join(OPS))
+    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ", ".join(ALL_OPS) +
+                    " (default: " + ", ".join(OPS) + ")")
     ap.add_argument("--providers", default=None, help="comma-separated provider names (default: all)")
     ap.add_argument("--skip-providers", default=None, help="comma-separated provider names to leave out")
     ap.add_argument("--merge", action="store_true",
@@ -247,8 +254,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = resolve_shapes("smoke" if args.smoke and args.shapes == "all" else args.shapes)
-    dtypes, modes, ops = choices(args.dtypes, DTYPES), choices(args.modes, MODES), choices(args.ops, OPS)
-    names = {p.name for op in OPS for p in providers_for(op)}
+    dtypes, modes, ops = choices(args.dtypes, DTYPES), choices(args.modes, MODES), choices(args.ops, ALL_OPS)
+    names = {p.name for op in ALL_OPS for p in providers_for(op)}
     only = None if not args.providers else set(choices(args.providers, names))
     skip = set() if not args.skip_providers else set(choices(args.skip_providers, names))
     cfg = TimerConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)

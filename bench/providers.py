@@ -6,6 +6,12 @@ Three ops, each with its own inputs (built by `make_inputs`, every tensor a leaf
     adaln      x (B, L, D), alpha (1,), shift, scale (B, D)        -> h
     adaln_res  adaln's plus residual (B, L, D), gate (B, D)        -> (h, r)
 
+and one opt-in op (`--ops qknorm`; not in a default run, whose GPU time budget it would strain):
+
+    qknorm     x a (B, H, L, d) head view of a fused (B, L, 3*H*d) qkv projection (strides
+               (L*3*H*d, d, 3*H*d, 1)), alpha (1,), weight, bias (d,) -> y: the QK-norm of timm's ViT
+               and FLUX, which dyt_kernels reads in place (ops/dyt.row_levels)
+
 A provider's `build(inputs, ctx)` returns a closure that runs its forward on those inputs and
 returns its outputs; the harness wraps it for fwd / bwd / fwd_bwd. `unavailable(ctx)` returns why it
 cannot run here (None if it can), so a skipped row records the reason.
@@ -23,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 OPS = ("norm", "adaln", "adaln_res")
+EXTRA_OPS = ("qknorm",)
+ALL_OPS = OPS + EXTRA_OPS
 EPS = 1e-6
 
 
@@ -54,8 +62,8 @@ REGISTRY: Dict[tuple, Provider] = {}
 
 
 def register(p: Provider) -> Provider:
-    if p.op not in OPS:
-        raise ValueError(f"provider {p.name}: op must be one of {OPS}, got {p.op!r}")
+    if p.op not in ALL_OPS:
+        raise ValueError(f"provider {p.name}: op must be one of {ALL_OPS}, got {p.op!r}")
     if (p.op, p.name) in REGISTRY:
         raise ValueError(f"provider {p.name} registered twice for op {p.op}")
     REGISTRY[(p.op, p.name)] = p
@@ -80,6 +88,12 @@ def make_inputs(op: str, shape: tuple, dtype: torch.dtype, device: torch.device,
         M, N = shape
         return {"x": leaf(M, N), "alpha": leaf(1, scale=0.05, offset=0.5),
                 "weight": leaf(N, scale=0.1, offset=1.0), "bias": leaf(N, scale=0.1)}
+    if op == "qknorm":
+        B, L, H, d = shape
+        qkv = leaf(B, L, 3 * H * d).detach()
+        q = qkv.view(B, L, 3, H, d).permute(2, 0, 3, 1, 4)[0]   # a view of qkv's storage, as a leaf
+        return {"x": q.detach().requires_grad_(True), "alpha": leaf(1, scale=0.05, offset=0.5),
+                "weight": leaf(d, scale=0.1, offset=1.0), "bias": leaf(d, scale=0.1)}
     B, L, D = shape
     out = {"x": leaf(B, L, D), "alpha": leaf(1, scale=0.05, offset=0.5),
            "shift": leaf(B, D, scale=0.1), "scale": leaf(B, D, scale=0.1)}
@@ -200,6 +214,11 @@ for _p in (
     Provider("dyt_compile", "norm", "DyT compiled", _compiled(_dyt_eager, dyt_formula)),
     Provider("liger_dyt", "norm", "LigerDyT", _liger, unavailable=_liger_unavailable),
     Provider("ours", "norm", "dyt_kernels.dyt", _ours_dyt, ours=True),
+    Provider("torch_layernorm", "qknorm", "LayerNorm (torch)", _layernorm),
+    Provider("torch_rmsnorm", "qknorm", "RMSNorm (torch)", _rmsnorm, unavailable=_rms_unavailable),
+    Provider("dyt_eager", "qknorm", "DyT eager", _dyt_eager),
+    Provider("dyt_compile", "qknorm", "DyT compiled", _compiled(_dyt_eager, dyt_formula)),
+    Provider("ours", "qknorm", "dyt_kernels.dyt", _ours_dyt, ours=True),
     Provider("ln_mod_eager", "adaln", "LN+modulate eager", _ln_mod),
     Provider("ln_mod_compile", "adaln", "LN+modulate compiled", _compiled(_ln_mod, ln_modulate)),
     Provider("dyt_mod_eager", "adaln", "DyT+modulate eager", _dyt_mod),

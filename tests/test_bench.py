@@ -127,6 +127,21 @@ def test_kernel_smoke_markdown_and_charts(kernel_smoke):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_qknorm_is_opt_in_and_benchmarks_head_views(tmp_path):
+    """`--ops qknorm` (not in a default run): x is a (B, H, L, d) head view of a fused qkv projection,
+    its bytes a norm's over B*L*H rows of d, and a smoke run gives every provider's rows."""
+    from bench.providers import ALL_OPS, make_inputs
+    assert "qknorm" in ALL_OPS and "qknorm" not in OPS
+    x = make_inputs("qknorm", (2, 5, 3, 8), torch.float32, torch.device("cpu"))["x"]
+    assert x.shape == (2, 3, 5, 8) and x.stride() == (5 * 72, 8, 72, 1) and x.is_leaf and x.requires_grad
+    assert op_bytes("qknorm", "fwd", (2, 5, 3, 8), torch.float32) == op_bytes("norm", "fwd", (30, 8), torch.float32)
+    rc = main(["kernels", "--smoke", "--out", str(tmp_path), "--ops", "qknorm", "--dtypes", "fp32",
+               "--providers", "dyt_eager,ours", "--modes", "fwd"])
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["kernels"]["rows"]
+    assert rc == 0 and {(r["provider"], r["status"]) for r in rows} == {("dyt_eager", "ok"), ("ours", "ok")}
+    assert {r["op"] for r in rows} == {"qknorm"}
+
+
 def test_kernel_merge_keeps_other_rows(kernel_smoke, tmp_path):
     """A later run for one provider replaces that provider's rows and keeps the rest of the table."""
     _, out, doc = kernel_smoke
