@@ -176,13 +176,9 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor |
     if residual is not None:
         r = residual + (x if gate is None else as_modulation(gate, B, D) * x)
         r = r.to(residual.dtype)
-    n = torch.nn.functional.layer_norm(r, (D,), _as(weight, r.dtype), _as(bias, r.dtype), eps)
+    n = torch.nn.functional.layer_norm(r, (D,), _up(weight, r.dtype), _up(bias, r.dtype), eps)
     h = (n * (1 + as_modulation(scale, B, D)) + as_modulation(shift, B, D)).to(x.dtype)
     return h if residual is None else (h, r)
-
-
-def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
 
 
 def dyt_modulate_grads(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor,
