@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import reference
 from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
@@ -23,7 +24,7 @@ def _compiled_route(x: Tensor) -> str:
     """Under torch.compile: "torch" (plain ops), "fused" (pointwise forward, kernel backward) or
     "opaque" (our kernels both ways, use_backend("triton"))."""
     name = traced_backend()
-    if not use_triton(x, name):
+    if _transformed() or not use_triton(x, name):
         return "torch"
     return "opaque" if name == "triton" else "fused"
 
@@ -71,11 +72,27 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         if route == "opaque":
             return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
         return reference.dyt(x, alpha, weight, bias, channels_last)
+    if _forward_ad._current_level >= 0 or _functorch_active():   # _transformed(), inlined
+        return reference.dyt(x, alpha, weight, bias, channels_last)
     if use_triton(x):
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
         return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
     return DyTReference.apply(x, alpha, weight, bias, channels_last)
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, jacrev, hessian, ...) or forward-mode AD
+    (torch.autograd.forward_ad) is active, eager or being traced by torch.compile (dynamo guards on both).
+
+    Their wrapped and dual tensors get reference.py's plain ops, for which torch has every transform
+    rule: the kernels read raw pointers, the eager Functions have no vmap or jvp rule, and the custom
+    ops none either (torch.func.jvp through the opaque compiled route gave a zero tangent, silently).
+    Two flag reads, ~0.06 us, on every eager call."""
+    return _forward_ad._current_level >= 0 or _functorch_active()
 
 
 def _check_dyt_args(x, alpha, weight, bias, channels_last):
@@ -160,6 +177,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         if route == "opaque":
             h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(*args)
             return h if residual is None else (h, r)
+        return reference.dyt_modulate(*args)
+    if _forward_ad._current_level >= 0 or _functorch_active():   # _transformed(), inlined
         return reference.dyt_modulate(*args)
     if use_triton(x):
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
