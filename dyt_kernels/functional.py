@@ -44,9 +44,11 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
     >>> y.shape
     torch.Size([4, 16, 384])
     """
-    slot = None
     if channels_last is not True and channels_last is not False:
         raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
+    if torch.compiler.is_compiling():   # traced: no signature cache (see _compiled_dyt)
+        return _compiled_dyt(*_check_dyt_args(x, alpha, weight, bias, channels_last), channels_last)
+    slot = None
     if channels_last:
         try:
             # Flat (no nested tuples: it is built and hashed on every call); an absent weight or bias
@@ -65,13 +67,6 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         if channels_last and sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
             slot = _VALIDATED.add(sig, [None, None, sig[3]])  # launches (fwd, bwd); x contiguous
         x, alpha, weight, bias = args
-    if torch.compiler.is_compiling():
-        route = _compiled_route(x)
-        if route == "fused":
-            return DyTFused.apply(x, alpha, weight, bias, channels_last)
-        if route == "opaque":
-            return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
-        return reference.dyt(x, alpha, weight, bias, channels_last)
     if _forward_ad._current_level >= 0 or _functorch_active():   # _transformed(), inlined
         return reference.dyt(x, alpha, weight, bias, channels_last)
     if use_triton(x):
@@ -93,6 +88,18 @@ def _transformed() -> bool:
     ops none either (torch.func.jvp through the opaque compiled route gave a zero tangent, silently).
     Two flag reads, ~0.06 us, on every eager call."""
     return _forward_ad._current_level >= 0 or _functorch_active()
+
+
+def _compiled_dyt(x, alpha, weight, bias, channels_last):
+    """dyt as torch.compile or torch.export traces it. The eager path's signature cache is left out:
+    hashing a shape would specialize every dynamic dim (torch.compile(dynamic=True) recompiling for
+    each new shape; torch.export with a Dim refusing the model)."""
+    route = _compiled_route(x)
+    if route == "fused":
+        return DyTFused.apply(x, alpha, weight, bias, channels_last)
+    if route == "opaque":
+        return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
+    return reference.dyt(x, alpha, weight, bias, channels_last)
 
 
 def _check_dyt_args(x, alpha, weight, bias, channels_last):
@@ -146,6 +153,9 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     >>> h.shape, r.shape
     (torch.Size([2, 16, 384]), torch.Size([2, 16, 384]))
     """
+    if torch.compiler.is_compiling():   # traced: no signature cache (see _compiled_dyt)
+        shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+        return _compiled_modulate(x, as_alpha(alpha, x, x.shape[2]), shift, scale, weight, bias, residual, gate)
     try:
         # Modulations by their strides: adaLN chunks them out of one (B, 6D) projection, so they are
         # strided views, which the kernels read in place (unit channel stride).
@@ -170,14 +180,6 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
             slot = _VALIDATED_MOD.add(sig, [None, {}, in_place])
         (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
-    if torch.compiler.is_compiling():
-        route = _compiled_route(x)
-        if route == "fused":
-            return DyTModulateFused.apply(*args)
-        if route == "opaque":
-            h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(*args)
-            return h if residual is None else (h, r)
-        return reference.dyt_modulate(*args)
     if _forward_ad._current_level >= 0 or _functorch_active():   # _transformed(), inlined
         return reference.dyt_modulate(*args)
     if use_triton(x):
@@ -186,6 +188,17 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
             return h if residual is None else (h, r)
         return DyTModulateFunction.apply(*args, slot)
     return DyTModulateReference.apply(*args)
+
+
+def _compiled_modulate(*args):
+    """dyt_modulate as torch.compile or torch.export traces it (no signature cache: _compiled_dyt)."""
+    route = _compiled_route(args[0])
+    if route == "fused":
+        return DyTModulateFused.apply(*args)
+    if route == "opaque":
+        h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(*args)
+        return h if args[6] is None else (h, r)
+    return reference.dyt_modulate(*args)
 
 
 # Argument signatures of dyt_modulate that passed the checks unchanged, each with its slot.

@@ -431,6 +431,12 @@ def empty_like_layout(x: Tensor, layout: Layout) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def output_like(x: Tensor, channels_last: bool) -> Tensor:
+    """y (or dx) as the launchers allocate it: dense, NHWC-stored channels-first data staying NHWC.
+    ops/library.py's fake implementations allocate with it too, so a traced graph's strides are real."""
+    return empty_like_layout(x, _CHANNELS_LAST if channels_last else layout_of(x, False))
+
+
 _FWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
 _BWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
 
@@ -518,10 +524,10 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
                       (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N), (x, alpha, w, b))
         return y
+    y = output_like(x, channels_last)
     if channels_last:
         C = x.shape[-1]
         layout = _CHANNELS_LAST
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
         if x.numel() == 0:
             return y
         x2, sx, levels, span = x_rows(x, C)
@@ -529,7 +535,6 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
     else:
         C = x.shape[1]
         layout = layout_of(x, False)
-        y = empty_like_layout(x, layout)
         if x.numel() == 0:
             return y
         if layout.moved:
@@ -568,7 +573,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     else:
         C = x.shape[-1] if channels_last else x.shape[1]
         layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
-        dx = empty_like_layout(x, layout)
+        dx = output_like(x, channels_last)
         if x.numel() == 0:
             zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
             return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)

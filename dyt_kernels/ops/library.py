@@ -23,12 +23,42 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
 
+def _or_empty(ts, x: Tensor) -> tuple:
+    return tuple(_empty(x) if t is None else t for t in ts)
+
+
+def _symbolic(*tensors: Optional[Tensor]) -> bool:
+    """Whether a traced call has symbolic sizes or strides: torch.compile's dynamic shapes (its
+    automatic dynamic marks a dim so at the second size it sees), torch.export's Dims.
+
+    The launch plans are worked out from the sizes (tiles, the backward's one-wave split, 64-bit
+    indexing), cached by them, and some choices are loops over them: traced with symbols they would
+    fail to hash, or pin every dynamic dim to the size seen while tracing. Such a call goes to the
+    `*_dynamic` ops below instead, which plan and launch when the graph runs and the sizes are known;
+    only their fake implementations (the outputs' allocation, shared with the launchers) are traced."""
+    return any(t is not None and not all(type(s) is int for s in (*t.shape, *t.stride())) for t in tensors)
+
+
 @triton_op("dyt_kernels::dyt_fwd", mutates_args=())
 def dyt_fwd(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             channels_last: bool) -> Tensor:
     if x.is_cuda:
+        if _symbolic(x, alpha, weight, bias):
+            return torch.ops.dyt_kernels.dyt_fwd_dynamic(x, alpha, weight, bias, channels_last)
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, launch=wrap_triton)
     return reference.dyt(x, alpha, weight, bias, channels_last)
+
+
+@torch.library.custom_op("dyt_kernels::dyt_fwd_dynamic", mutates_args=())
+def dyt_fwd_dynamic(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    channels_last: bool) -> Tensor:
+    """dyt_fwd traced with symbolic sizes (_symbolic): planned and launched when the graph runs."""
+    return dyt_ops.forward(x, alpha, weight, bias, channels_last)
+
+
+@dyt_fwd_dynamic.register_fake
+def _(x, alpha, weight, bias, channels_last):
+    return dyt_ops.output_like(x, channels_last)
 
 
 @triton_op("dyt_kernels::dyt_bwd", mutates_args=())
@@ -36,10 +66,25 @@ def dyt_bwd(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias
             channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dalpha, dweight, dbias); dweight/dbias are empty when weight/bias are None."""
     if x.is_cuda:
-        dx, da, dw, db = dyt_ops.backward(dy, x, alpha, weight, bias, channels_last, launch=wrap_triton)
+        if _symbolic(dy, x, alpha, weight, bias):
+            return torch.ops.dyt_kernels.dyt_bwd_dynamic(dy, x, alpha, weight, bias, channels_last)
+        grads = dyt_ops.backward(dy, x, alpha, weight, bias, channels_last, launch=wrap_triton)
     else:
-        dx, da, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias, channels_last)
-    return dx, da, _empty(x) if dw is None else dw, _empty(x) if db is None else db
+        grads = reference.dyt_backward(dy, x, alpha, weight, bias, channels_last)
+    return _or_empty(grads, x)
+
+
+@torch.library.custom_op("dyt_kernels::dyt_bwd_dynamic", mutates_args=())
+def dyt_bwd_dynamic(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dyt_bwd traced with symbolic sizes (_symbolic): planned and launched when the graph runs."""
+    return _or_empty(dyt_ops.backward(dy, x, alpha, weight, bias, channels_last), x)
+
+
+@dyt_bwd_dynamic.register_fake
+def _(dy, x, alpha, weight, bias, channels_last):
+    like = lambda p: None if p is None else torch.empty_like(p)  # noqa: E731
+    return _or_empty((dyt_ops.output_like(x, channels_last), torch.empty_like(alpha), like(weight), like(bias)), x)
 
 
 def _dyt_setup(ctx, inputs, output):
@@ -63,11 +108,26 @@ def dyt_modulate_fwd(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, wei
                      ) -> tuple[Tensor, Tensor]:
     """(h, r); r is empty without a residual."""
     if x.is_cuda:
+        if _symbolic(x, alpha, shift, scale, weight, bias, residual, gate):
+            return torch.ops.dyt_kernels.dyt_modulate_fwd_dynamic(x, alpha, shift, scale, weight, bias, residual, gate)
         h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate, launch=wrap_triton)
     else:
         out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
         h, r = (out, None) if residual is None else out
     return h, _empty(x) if r is None else r
+
+
+@torch.library.custom_op("dyt_kernels::dyt_modulate_fwd_dynamic", mutates_args=())
+def dyt_modulate_fwd_dynamic(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], residual: Optional[Tensor], gate: Optional[Tensor]
+                             ) -> tuple[Tensor, Tensor]:
+    """dyt_modulate_fwd traced with symbolic sizes (_symbolic): planned and launched when the graph runs."""
+    return _or_empty(mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate), x)
+
+
+@dyt_modulate_fwd_dynamic.register_fake
+def _(x, alpha, shift, scale, weight, bias, residual, gate):
+    return _or_empty(mod_ops.outputs_like(x, residual), x)
 
 
 @triton_op("dyt_kernels::dyt_modulate_bwd", mutates_args=())
@@ -79,14 +139,38 @@ def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alp
     (custom-op outputs may not alias)."""
     r = r if has_residual else x
     if x.is_cuda:
+        if _symbolic(dh, dr, x, r, alpha, shift, scale, weight, bias, gate):
+            return torch.ops.dyt_kernels.dyt_modulate_bwd_dynamic(dh, dr, x, r, alpha, shift, scale, weight, bias,
+                                                                  gate, has_residual)
         grads = mod_ops.backward(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual,
                                  launch=wrap_triton)
     else:
         grads = reference.dyt_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
+    return _mod_grads(grads, x, has_residual, gate)
+
+
+def _mod_grads(grads, x: Tensor, has_residual: bool, gate: Optional[Tensor]) -> tuple:
+    """The op's outputs from mod_ops.backward's list: dresidual left out where it is dx (no gate)."""
     grads = list(grads)
     if has_residual and gate is None:
         grads[1] = None
-    return tuple(_empty(x) if g is None else g for g in grads)
+    return _or_empty(grads, x)
+
+
+@torch.library.custom_op("dyt_kernels::dyt_modulate_bwd_dynamic", mutates_args=())
+def dyt_modulate_bwd_dynamic(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor,
+                             scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate: Optional[Tensor],
+                             has_residual: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dyt_modulate_bwd traced with symbolic sizes (_symbolic): planned and launched when the graph runs."""
+    grads = mod_ops.backward(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
+    return _mod_grads(grads, x, has_residual, gate)
+
+
+@dyt_modulate_bwd_dynamic.register_fake
+def _(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual):
+    return _mod_grads(mod_ops.grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual), x,
+                      has_residual, gate)
 
 
 def _mod_setup(ctx, inputs, output):

@@ -554,6 +554,31 @@ def _dt(t: Tensor | None, default: torch.dtype) -> torch.dtype:
     return default if t is None else t.dtype
 
 
+def outputs_like(x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(h, r) as forward allocates them (dense); ops/library.py's fake implementations use it too."""
+    r = None if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), r
+
+
+def grads_like(x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
+               bias: Tensor | None, gate: Tensor | None, has_residual: bool, flags: tuple | None = None) -> list:
+    """backward's gradients, allocated (dense; None where absent, dshift where shift is per token, dx
+    where it is the residual's gradient): [dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha].
+    flags: (shift per token, scale per token, write dx), when known. ops/library.py's fakes use it."""
+    B, L, D = x.shape
+    dev = x.device
+    shift_tok, scale_tok, write_dx = flags or (per_token(shift, L), per_token(scale, L),
+                                               has_residual and (gate is not None or x.dtype != r.dtype))
+    drt = torch.empty((B, L, D), dtype=r.dtype, device=dev)
+    dx = torch.empty((B, L, D), dtype=x.dtype, device=dev) if write_dx else drt
+    dshift = None if shift_tok else torch.empty(shift.shape, dtype=shift.dtype, device=dev)
+    dscale = torch.empty(scale.shape, dtype=scale.dtype, device=dev)
+    dgate = None if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=dev)
+    dw = None if weight is None else torch.empty_like(weight)
+    db = None if bias is None else torch.empty_like(bias)
+    return [dx, drt if has_residual else None, dgate, dshift, dscale, dw, db, torch.empty_like(alpha)]
+
+
 def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
             residual: Tensor | None, gate: Tensor | None, launch=None, slot: list | None = None
             ) -> tuple[Tensor, Tensor | None]:
@@ -576,8 +601,7 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
                       (x, res, g, shift, scale, alpha, w, b))
         return h, r
     B, L, D = x.shape
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
-    r = None if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
+    h, r = outputs_like(x, residual)
     if x.numel() == 0:
         return h, r
     x2, h2 = rows_view(x, D), h.view(-1, D)
@@ -617,15 +641,9 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
         shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
         gate_tok = gate is not None and per_token(gate, L)
         write_dx = has_residual and (gate is not None or x.dtype != r.dtype)
-    drt = torch.empty((B, L, D), dtype=r.dtype, device=dev)
-    dx = torch.empty((B, L, D), dtype=x.dtype, device=dev) if write_dx else drt
-    dshift = None if shift_tok else torch.empty(shift.shape, dtype=shift.dtype, device=dev)
-    dscale = torch.empty(scale.shape, dtype=scale.dtype, device=dev)
-    dgate = None if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=dev)
-    dw = None if weight is None else torch.empty_like(weight)
-    db = None if bias is None else torch.empty_like(bias)
-    da = torch.empty_like(alpha)
-    grads = [dx, drt if has_residual else None, dgate, dshift, dscale, dw, db, da]
+    grads = grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual, (shift_tok, scale_tok, write_dx))
+    dx, dgate, dshift, dscale, dw, db, da = grads[0], *grads[2:]
+    drt = grads[1] if has_residual else dx
     if call is not None:
         # A validated signature read in place (and a contiguous dh, dr): the tensors are their own
         # rows, every integer argument is the signature's.
