@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.nn import Parameter
 
 from . import reference
 from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
@@ -24,7 +27,7 @@ def _compiled_route(x: Tensor) -> str:
     """Under torch.compile: "torch" (plain ops), "fused" (pointwise forward, kernel backward) or
     "opaque" (our kernels both ways, use_backend("triton"))."""
     name = traced_backend()
-    if _transformed() or not use_triton(x, name):
+    if _plain_ops(x) or not use_triton(x, name):
         return "torch"
     return "opaque" if name == "triton" else "fused"
 
@@ -67,7 +70,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         if channels_last and sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
             slot = _VALIDATED.add(sig, [None, None, sig[3]])  # launches (fwd, bwd); x contiguous
         x, alpha, weight, bias = args
-    if _forward_ad._current_level >= 0 or _functorch_active():   # _transformed(), inlined
+    if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
+            or _functorch_active():   # _plain_ops(x), inlined
         return reference.dyt(x, alpha, weight, bias, channels_last)
     if use_triton(x):
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
@@ -79,15 +83,23 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
-def _transformed() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, jacrev, hessian, ...) or forward-mode AD
-    (torch.autograd.forward_ad) is active, eager or being traced by torch.compile (dynamo guards on both).
+def _plain_ops(x: Tensor) -> bool:
+    """Whether a call takes reference.py's plain ops, whatever the backend: x is a tensor subclass
+    (DTensor, a nested jagged tensor, any wrapper subclass), or a torch.func transform (vmap, grad,
+    jvp, jacrev, hessian, ...) or forward-mode AD (torch.autograd.forward_ad) is active.
 
-    Their wrapped and dual tensors get reference.py's plain ops, for which torch has every transform
-    rule: the kernels read raw pointers, the eager Functions have no vmap or jvp rule, and the custom
-    ops none either (torch.func.jvp through the opaque compiled route gave a zero tangent, silently).
-    Two flag reads, ~0.06 us, on every eager call."""
-    return _forward_ad._current_level >= 0 or _functorch_active()
+    Torch has every subclass's and every transform's rule for those ops; the kernels read a plain
+    tensor's storage through raw pointers, the eager Functions have no vmap or jvp rule, and the
+    custom ops neither (torch.func.jvp through the opaque compiled route gave a zero tangent,
+    silently). The eager paths inline this: a type check and two flag reads, ~0.06 us per call.
+    Traced (_compiled_route), the fake and functional tensors of a trace (torch.export's non-strict
+    mode runs this code on them) stand for plain tensors; dynamo shows x's own type, and guards on
+    the transform state."""
+    return ((type(x) is not Tensor and type(x) is not Parameter and not isinstance(x, _TRACING))
+            or _forward_ad._current_level >= 0 or _functorch_active())
+
+
+_TRACING = (FakeTensor, FunctionalTensor)
 
 
 def _compiled_dyt(x, alpha, weight, bias, channels_last):
@@ -180,7 +192,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
             slot = _VALIDATED_MOD.add(sig, [None, {}, in_place])
         (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
-    if _forward_ad._current_level >= 0 or _functorch_active():   # _transformed(), inlined
+    if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
+            or _functorch_active():   # _plain_ops(x), inlined
         return reference.dyt_modulate(*args)
     if use_triton(x):
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record

@@ -1,7 +1,7 @@
 """torch.func transforms (vmap, grad, jvp, jacrev, jacfwd, hessian) and forward-mode AD through dyt,
 dyt_modulate and the models, eager and under torch.compile(fullgraph=True), against float64.
 
-Under a transform the ops take reference.py's plain ops (functional._transformed): fp32 inputs are
+Under a transform the ops take reference.py's plain ops (functional._plain_ops): fp32 inputs are
 computed in fp32 by torch's own pointwise ops, so results sit within fp32 rounding of the float64
 oracle (tests/float64_checks.py's formulas, which share no code with the library). Bound used
 throughout: atol = rtol = 2e-5. Every value here is O(1) (inputs ~N(0, 1), tanh in [-1, 1]) and the
