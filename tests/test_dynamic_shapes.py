@@ -183,6 +183,31 @@ def test_kernel_ops_trace_with_symbolic_sizes():
         assert any(isinstance(s, torch.SymInt) for s in first.shape), (name, first.shape)
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+def test_compile_traces_kernels_for_static_sizes_and_dynamic_ops_for_symbolic_ones():
+    """The graphs torch.compile's AOTAutograd makes of each op's CUDA branch (tests/fake_cuda_trace.py,
+    in its own process: Triton's driver is stubbed there): static sizes give inductor the Triton
+    kernels themselves, one launch forward and two backward; a symbolic batch and sequence length
+    give the `*_dynamic` op and no kernel."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda_trace.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    traced = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, got in traced["static"].items():
+        launches = 2 if name.endswith("bwd") else 1
+        assert got == {"kernels": launches, "dynamic_ops": []}, (name, got)
+    for name, got in traced["dynamic"].items():
+        op = name.replace("_channels_first", "")
+        assert got == {"kernels": 0, "dynamic_ops": [f"dyt_kernels.{op}_dynamic.default"]}, (name, got)
+    assert len(traced["static"]) == len(traced["dynamic"]) == 5
+
+
 def _inputs_dyt(layout):
     C = 24
     if layout == "rows":
