@@ -20,6 +20,7 @@ from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFu
 from .backend import traced_backend, use_triton
 from .ops import dyt as dyt_ops
 from .ops import modulate as mod_ops
+from .ops.direct import _current_device as _cuda_device
 from .ops.plan import BoundedCache
 
 
@@ -74,10 +75,30 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
             or _functorch_active():   # _plain_ops(x), inlined
         return reference.dyt(x, alpha, weight, bias, channels_last)
     if use_triton(x):
+        if x.is_cuda and x.get_device() != _cuda_device():
+            return _on_device(x, _dyt_triton, x, alpha, weight, bias, channels_last, slot)
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
         return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
     return DyTReference.apply(x, alpha, weight, bias, channels_last)
+
+
+def _dyt_triton(x, alpha, weight, bias, channels_last, slot):
+    if not torch.is_grad_enabled():
+        return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
+    return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
+
+
+def _on_device(x: Tensor, call, *args):
+    """call(*args) with x's GPU as the current device.
+
+    Triton launches on the current device, on its current stream; a tensor on another GPU (a model
+    spread over GPUs in one process, as accelerate's device_map="auto" places it, without
+    torch.cuda.set_device) would be read from the wrong device, unordered with the stream that
+    wrote it: an illegal address, or a race. PyTorch's own ops switch to their tensors' device, so
+    the kernels do too. (Backward needs nothing: autograd runs it with the device set.)"""
+    with torch.cuda.device(x.device):
+        return call(*args)
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -196,11 +217,20 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
             or _functorch_active():   # _plain_ops(x), inlined
         return reference.dyt_modulate(*args)
     if use_triton(x):
+        if x.is_cuda and x.get_device() != _cuda_device():
+            return _on_device(x, _modulate_triton, args, slot)
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             h, r = mod_ops.forward(*args, None, slot)
             return h if residual is None else (h, r)
         return DyTModulateFunction.apply(*args, slot)
     return DyTModulateReference.apply(*args)
+
+
+def _modulate_triton(args, slot):
+    if not torch.is_grad_enabled():
+        h, r = mod_ops.forward(*args, None, slot)
+        return h if args[6] is None else (h, r)
+    return DyTModulateFunction.apply(*args, slot)
 
 
 def _compiled_modulate(*args):
