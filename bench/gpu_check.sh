@@ -5,7 +5,11 @@
 # the working directory) it runs, each stage under its own `timeout` and all within DEADLINE_S:
 #
 #   0. preflight   versions, nvidia-smi, CUDA check; wheels in bench/wheels/ installed offline
-#   1. tests       python -m pytest -q tests, on CUDA (TRITON_INTERPRET unset: compiled kernels)
+#   1. gpu-tests   the tests that need a GPU first (direct launches, CUDA graphs, devices, tanh forms
+#                  on the hardware, 2^31 elements, the compiled routes on CUDA, dynamic shapes there)
+#      tests       then the rest of python -m pytest tests, on CUDA (TRITON_INTERPRET unset: compiled
+#                  kernels). Both stop with SIGINT, so pytest still reports what failed before the
+#                  deadline (CI runs the whole suite on CPU)
 #   2. inspect     python -m dyt_kernels.inspect --json: the static report (registers, round trips,
 #                  the model's estimates) as this machine's Triton compiles the kernels
 #   3. host        python -m bench host: host time per call with real launches
@@ -27,7 +31,7 @@
 # Without CUDA (a dry run on a developer machine) the tests stage is skipped (CI runs the suite on
 # CPU) and the benchmarks run with --smoke on CPU, so the whole script can be checked anywhere.
 #
-# Knobs (environment): PYTHON, DEADLINE_S (390), TESTS_S (110), INSPECT_S (40), HOST_S (20),
+# Knobs (environment): PYTHON, DEADLINE_S (390), GPU_TESTS_S (45), TESTS_S (65), INSPECT_S (40), HOST_S (20),
 # KERNELS_S (110), LIGER_S (45), MODELS_S (90), BENCH_GIT_COMMIT (recorded in the results when the
 # copied tree has no .git).
 # Idempotent: rerunning overwrites the log and replaces the results' sections for the same day.
@@ -36,7 +40,8 @@ cd "$(dirname "$0")/.."
 
 START=$SECONDS
 DEADLINE_S=${DEADLINE_S:-390}   # 7 minutes is 420 s: room for `timeout -k 15` and copying back
-TESTS_S=${TESTS_S:-110}
+GPU_TESTS_S=${GPU_TESTS_S:-45}
+TESTS_S=${TESTS_S:-65}
 INSPECT_S=${INSPECT_S:-40}
 HOST_S=${HOST_S:-20}
 KERNELS_S=${KERNELS_S:-110}
@@ -80,7 +85,7 @@ stage() {
   fi
   log "== $name (timeout ${t}s): $*"
   t0=$SECONDS
-  timeout -s TERM -k 15 "$t" "$@" 2>&1 | tee -a "$LOG"
+  timeout -s "${STAGE_SIGNAL:-TERM}" -k 15 "$t" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 0 ]; then record "$name" "ok" $((SECONDS - t0))
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record "$name" "timeout (rc $rc)" $((SECONDS - t0)); FAILED=1
@@ -138,10 +143,19 @@ fi
 record preflight ok $((SECONDS - t0))
 
 # ----- 1. tests -------------------------------------------------------------------------------------
+GPU_TESTS=(tests/test_direct.py tests/test_cuda_graphs.py tests/test_devices.py tests/test_tanh.py
+           tests/test_dyt.py::test_int64_offsets_past_2_31_elements
+           tests/test_modulate.py::test_torch_compile_fullgraph_triton_cuda
+           tests/test_dynamic_shapes.py::test_compiled_routes_on_cuda_over_changing_sizes)
 if [ "$CUDA" -eq 1 ]; then
-  stage tests "$TESTS_S" "$PY" -m pytest -q tests
+  # SIGINT: pytest stops as on Ctrl-C and still prints what failed (-rfE) before the deadline
+  STAGE_SIGNAL=INT stage gpu-tests "$GPU_TESTS_S" "$PY" -m pytest -q -rfE "${GPU_TESTS[@]}"
+  STAGE_SIGNAL=INT stage tests "$TESTS_S" "$PY" -m pytest -q -rfE tests \
+    --ignore=tests/test_direct.py --ignore=tests/test_cuda_graphs.py --ignore=tests/test_devices.py \
+    --ignore=tests/test_tanh.py --deselect "${GPU_TESTS[4]}" --deselect "${GPU_TESTS[5]}" --deselect "${GPU_TESTS[6]}"
 else
-  log "== tests: skipped, no CUDA (CI runs the suite on CPU)"; record tests "skipped (no CUDA)" 0
+  log "== gpu-tests, tests: skipped, no CUDA (CI runs the suite on CPU)"
+  record gpu-tests "skipped (no CUDA)" 0; record tests "skipped (no CUDA)" 0
 fi
 
 # ----- 2. inspect, 3. host --------------------------------------------------------------------------
