@@ -45,6 +45,20 @@ def _library_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gat
             _present(db, bias), da)
 
 
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def _backward_slot(slot):
+    """The signature's slot for the backward, or None while saved-tensor hooks are active.
+
+    A slot's backward call has every stride fixed from the forward's inputs, but hooks hand the
+    backward whatever they unpack: save_on_cpu and offloading copy a chunked modulation back dense,
+    a clone densifies it, a checkpoint recomputes; the fixed strides then read the wrong elements
+    (silently wrong gradients, before this). Without a slot the backward works its arguments out
+    from the tensors it gets. One C call, ~45 ns, per forward with autograd."""
+    return slot if _saved_tensors_hooks(False) is None else None
+
+
 def _save_dyt(ctx, x, alpha, weight, bias, channels_last):
     ctx.save_for_backward(x, alpha, weight, bias)
     ctx.channels_last = channels_last
@@ -60,7 +74,7 @@ class DyTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, slot):
         ctx.save_for_backward(x, alpha, weight)
-        ctx.bias, ctx.channels_last, ctx.slot = bias, channels_last, slot
+        ctx.bias, ctx.channels_last, ctx.slot = bias, channels_last, _backward_slot(slot)
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
 
     @staticmethod
@@ -119,7 +133,7 @@ class DyTModulateFunction(torch.autograd.Function):
     def forward(ctx, x, alpha, shift, scale, weight, bias, residual, gate, slot):
         h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate, None, slot)
         _save_modulate(ctx, x, r, alpha, shift, scale, weight, bias, gate)
-        ctx.slot = slot
+        ctx.slot = _backward_slot(slot)
         return h if r is None else (h, r)
 
     @staticmethod
