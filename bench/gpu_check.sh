@@ -31,7 +31,7 @@
 # Without CUDA (a dry run on a developer machine) the tests stage is skipped (CI runs the suite on
 # CPU) and the benchmarks run with --smoke on CPU, so the whole script can be checked anywhere.
 #
-# Knobs (environment): PYTHON, DEADLINE_S (390), GPU_TESTS_S (45), TESTS_S (65), INSPECT_S (40), HOST_S (20),
+# Knobs (environment): PYTHON, DEADLINE_S (390), GPU_TESTS_S (60), TESTS_S (50), INSPECT_S (40), HOST_S (20),
 # KERNELS_S (110), LIGER_S (45), MODELS_S (90), BENCH_GIT_COMMIT (recorded in the results when the
 # copied tree has no .git).
 # Idempotent: rerunning overwrites the log and replaces the results' sections for the same day.
@@ -40,8 +40,8 @@ cd "$(dirname "$0")/.."
 
 START=$SECONDS
 DEADLINE_S=${DEADLINE_S:-390}   # 7 minutes is 420 s: room for `timeout -k 15` and copying back
-GPU_TESTS_S=${GPU_TESTS_S:-45}
-TESTS_S=${TESTS_S:-65}
+GPU_TESTS_S=${GPU_TESTS_S:-60}
+TESTS_S=${TESTS_S:-50}
 INSPECT_S=${INSPECT_S:-40}
 HOST_S=${HOST_S:-20}
 KERNELS_S=${KERNELS_S:-110}
