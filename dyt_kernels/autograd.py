@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 from .ops import dyt as dyt_ops
-from .ops import library  # noqa: F401  (registers torch.ops.dyt_kernels.*)
+from .ops import library  # registers torch.ops.dyt_kernels.*
 from .ops import modulate as mod_ops
 
 
@@ -38,8 +38,8 @@ def _library_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gat
     """The custom op's gradients in mod_ops.backward's convention (None where absent or per token)."""
     dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
         dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
-    if has_residual and gate is None:
-        dres = dx.to(r.dtype)  # the op returns it once (outputs may not alias)
+    if library.dres_is_dx(x, r, gate, has_residual):
+        dres = dx  # the op returns it once (outputs may not alias)
     dshift = None if dshift.numel() == 0 and shift.numel() != 0 else dshift
     return (dx, dres if has_residual else None, _present(dgate, gate), dshift, dscale, _present(dw, weight),
             _present(db, bias), da)

@@ -219,3 +219,35 @@ def test_backend_choice_under_compile_is_read_at_trace_time():
     assert f(x).item() == (0.0 if backend._DYNAMO_TRACES_CONTEXTVARS else 1.0)
     torch._dynamo.reset()
     assert f(x).item() == 0.0
+
+
+@pytest.mark.parametrize("route", ["eager", "fused", "opaque"])
+def test_fp32_residual_gradient_stays_fp32_under_a_bf16_x(route, monkeypatch):
+    """bf16 x on an fp32 residual stream, no gate: the kernels write dresidual in fp32 beside dx in
+    bf16, and every route returns that one. The compiled routes used to take it from dx (the
+    custom ops leave dresidual out only where it is dx), rounding it to bf16: 1.3e-2 off."""
+    from dyt_kernels import functional
+    torch._dynamo.reset()
+    B, L, D = 2, 5, 32
+    x = torch.randn(B, L, D).to(torch.bfloat16).requires_grad_()
+    res = torch.randn(B, L, D, requires_grad=True)
+    shift, scale = torch.randn(B, D), torch.randn(B, D)
+    a, w, b = torch.tensor([0.7]), torch.randn(D), torch.randn(D)
+
+    def f(x, res):
+        return dyt_modulate(x, a, shift, scale, w, b, residual=res)
+
+    if route != "eager":
+        monkeypatch.setattr(functional, "use_triton", lambda x, name=None: True)
+        f = torch.compile(f, backend=_Graphs(), fullgraph=True)
+    with use_backend("auto" if route == "fused" else "triton"):
+        h, r = f(x, res)
+        dh, dr = torch.randn_like(h), torch.randn_like(r)
+        dres, = torch.autograd.grad((h, r), res, (dh, dr))
+    x64, res64 = x.detach().double(), res.detach().double().requires_grad_()
+    h64, r64 = reference.dyt_modulate(x64, a.double(), shift.double(), scale.double(), w.double(), b.double(),
+                                      res64)
+    want, = torch.autograd.grad((h64, r64), res64, (dh.double(), dr.double()))
+    assert dres.dtype == torch.float32
+    # fp32 math on O(1) values: a few fp32 ulps; a bf16 rounding is 2^-9 relative
+    torch.testing.assert_close(dres.double(), want, atol=1e-5, rtol=1e-5)

@@ -57,15 +57,32 @@ def _oracle(op, p):
     return out, q
 
 
+def _filled(op, device):
+    """Inputs, leaf names, upstream gradient, after one call that fills the signature's slot (as
+    training's earlier steps do)."""
+    p = _inputs(device)
+    names = ["x", "alpha", "weight", "bias"] + (["mods", "residual"] if op is _modulate else [])
+    dout = torch.randn(3, 5, 32, device=device)
+    with use_backend("triton"):
+        torch.autograd.grad(op(p), [p[n] for n in names], dout)
+    return p, names, dout
+
+
+def _check(op, p, names, dout, out, grads):
+    want, q = _oracle(op, p)
+    want_grads = torch.autograd.grad(want, [q[n] for n in names], dout.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    for n, g, g64 in zip(names, grads, want_grads):
+        # fp32 sums of <= 15 rows of O(1) terms (alpha: of all 480 elements) against float64
+        torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("op", [_dyt, _modulate], ids=["dyt", "dyt_modulate"])
 @pytest.mark.parametrize("mode", [*HOOKS, "checkpoint"])
 def test_gradients_under_saved_tensor_hooks(op, mode, device):
-    p = _inputs(device)
-    names = ["x", "alpha", "weight", "bias"] + (["mods", "residual"] if op is _modulate else [])
+    p, names, dout = _filled(op, device)
     leaves = [p[n] for n in names]
-    dout = torch.randn(3, 5, 32, device=device)
     with use_backend("triton"):
-        torch.autograd.grad(op(p), leaves, dout)   # fills the signature's slot
         if mode == "checkpoint":
             out = checkpoint(op, p, use_reentrant=False)
             grads = torch.autograd.grad(out, leaves, dout)
@@ -73,9 +90,30 @@ def test_gradients_under_saved_tensor_hooks(op, mode, device):
             with HOOKS[mode]():
                 out = op(p)
                 grads = torch.autograd.grad(out, leaves, dout)
-    want, q = _oracle(op, p)
-    want_grads = torch.autograd.grad(want, [q[n] for n in names], dout.double())
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    for n, g, g64 in zip(names, grads, want_grads):
-        # fp32 sums of <= 15 rows of O(1) terms (alpha: of all 480 elements) against float64
-        torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4, msg=n)
+    _check(op, p, names, dout, out, grads)
+
+
+def _relayout_vector(t):
+    """A 1-D tensor's values at stride 2 (a hook may unpack any layout); others relaid as above."""
+    if t.dim() == 1:
+        return torch.stack([t, t], dim=1)[:, 0]
+    return _relayout(t)
+
+
+@pytest.mark.parametrize("op", [_dyt, _modulate], ids=["dyt", "dyt_modulate"])
+@pytest.mark.parametrize("pack", [lambda t: t.clone(), _relayout_vector], ids=["clone", "relayout"])
+def test_gradients_with_hooks_on_single_saved_tensors(op, pack, device):
+    """Hooks registered on each saved tensor after the forward (grad_fn._raw_saved_tensors[i]
+    .register_hooks), which the forward cannot see: the backward checks what it unpacks against its
+    cached call (before: NaN and 1e23 for adaLN's chunked modulations), and reads vectors unpacked at
+    stride 2 through contiguous copies."""
+    p, names, dout = _filled(op, device)
+    with use_backend("triton"):
+        out = op(p)
+        node = out.grad_fn if op is _dyt else out.grad_fn.next_functions[0][0]   # h * r: the op's node is h's
+        assert "DyT" in type(node).__name__, type(node).__name__
+        for saved in node._raw_saved_tensors:
+            if saved is not None:
+                saved.register_hooks(pack, lambda t: t)
+        grads = torch.autograd.grad(out, [p[n] for n in names], dout)
+    _check(op, p, names, dout, out, grads)

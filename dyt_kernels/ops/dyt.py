@@ -431,10 +431,13 @@ def empty_like_layout(x: Tensor, layout: Layout) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def output_like(x: Tensor, channels_last: bool) -> Tensor:
+def output_like(x: Tensor, channels_last: bool, layout: Layout | None = None) -> Tensor:
     """y (or dx) as the launchers allocate it: dense, NHWC-stored channels-first data staying NHWC.
-    ops/library.py's fake implementations allocate with it too, so a traced graph's strides are real."""
-    return empty_like_layout(x, _CHANNELS_LAST if channels_last else layout_of(x, False))
+    ops/library.py's fake implementations allocate with it too, so a traced graph's strides are real.
+    `layout`: x's, where the caller has worked it out already (layout_of costs ~2 us on a 4-D x)."""
+    if layout is None:
+        layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
+    return empty_like_layout(x, layout)
 
 
 _FWD = P.BoundedCache()  # launch configurations by (shape, dtypes, flags, device)
@@ -524,17 +527,16 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
                       (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N), (x, alpha, w, b))
         return y
-    y = output_like(x, channels_last)
+    layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
+    y = output_like(x, channels_last, layout)
     if channels_last:
         C = x.shape[-1]
-        layout = _CHANNELS_LAST
         if x.numel() == 0:
             return y
         x2, sx, levels, span = x_rows(x, C)
         y2 = y.view(-1, C)
     else:
         C = x.shape[1]
-        layout = layout_of(x, False)
         if x.numel() == 0:
             return y
         if layout.moved:
@@ -560,8 +562,11 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
 def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
              channels_last: bool, launch=None, slot: list | None = None):
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
-    if slot is not None and slot[1] is not None and slot[2] and dy.is_contiguous():
+    if (slot is not None and slot[1] is not None and slot[2] and dy.is_contiguous() and x.is_contiguous()
+            and alpha.is_contiguous() and (weight is None or weight.is_contiguous())):
         # A validated signature with contiguous channels-last x and dy: rows are the tensors themselves.
+        # (x, alpha and weight are checked again: a saved-tensor hook registered on one of them after
+        # the forward, grad_fn._raw_saved_tensors[i].register_hooks, may unpack another layout.)
         cfg, fixed = slot[1], launch is None
         p = cfg.plan
         x2, dy2, dx = x, dy, torch.empty_like(x)
@@ -573,10 +578,13 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     else:
         C = x.shape[-1] if channels_last else x.shape[1]
         layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
-        dx = output_like(x, channels_last)
+        dx = output_like(x, channels_last, layout)
         if x.numel() == 0:
             zeros = lambda p: None if p is None else torch.zeros_like(p)  # noqa: E731
             return dx, torch.zeros_like(alpha), zeros(weight), zeros(bias)
+        # The vectors are read at unit stride; the forward's checks made them so, but a saved-tensor
+        # hook may unpack them otherwise (contiguous() is the tensor itself when it is).
+        alpha, weight = alpha.contiguous(), None if weight is None else weight.contiguous()
         if layout.per_row:
             x2 = as_rows(x, layout, C)
             sx, levels, span = x2.stride(0), ONE_LEVEL, x2.numel()

@@ -146,13 +146,21 @@ def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alp
                                  launch=wrap_triton)
     else:
         grads = reference.dyt_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
-    return _mod_grads(grads, x, has_residual, gate)
+    return _mod_grads(grads, x, r, has_residual, gate)
 
 
-def _mod_grads(grads, x: Tensor, has_residual: bool, gate: Optional[Tensor]) -> tuple:
-    """The op's outputs from mod_ops.backward's list: dresidual left out where it is dx (no gate)."""
+def dres_is_dx(x: Tensor, r: Tensor, gate: Optional[Tensor], has_residual: bool) -> bool:
+    """Whether the residual's gradient is dx itself (a residual, no gate, x and r of one dtype: the
+    launcher writes it once), which the ops leave out (custom-op outputs may not alias) and callers
+    take from dx. With x and r of different dtypes (bf16 x on an fp32 residual stream) both are
+    written, dresidual in r's dtype; taking it from dx would round it to x's."""
+    return has_residual and gate is None and x.dtype == r.dtype
+
+
+def _mod_grads(grads, x: Tensor, r: Tensor, has_residual: bool, gate: Optional[Tensor]) -> tuple:
+    """The op's outputs from mod_ops.backward's list: dresidual left out where it is dx (dres_is_dx)."""
     grads = list(grads)
-    if has_residual and gate is None:
+    if dres_is_dx(x, r, gate, has_residual):
         grads[1] = None
     return _or_empty(grads, x)
 
@@ -164,12 +172,12 @@ def dyt_modulate_bwd_dynamic(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Ten
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dyt_modulate_bwd traced with symbolic sizes (_symbolic): planned and launched when the graph runs."""
     grads = mod_ops.backward(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
-    return _mod_grads(grads, x, has_residual, gate)
+    return _mod_grads(grads, x, r, has_residual, gate)
 
 
 @dyt_modulate_bwd_dynamic.register_fake
 def _(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual):
-    return _mod_grads(mod_ops.grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual), x,
+    return _mod_grads(mod_ops.grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual), x, r,
                       has_residual, gate)
 
 
@@ -184,7 +192,7 @@ def _mod_backward(ctx, dh, dr):
     x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
     dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
         dh, dr if ctx.has_residual else None, x, r, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
-    if ctx.has_residual and gate is None:
+    if dres_is_dx(x, r, gate, ctx.has_residual):
         dres = dx
     opt = lambda g, p: None if p is None else g  # noqa: E731
     return (dx, da, dshift, dscale, opt(dw, weight), opt(db, bias), dres if ctx.has_residual else None,

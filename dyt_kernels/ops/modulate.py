@@ -624,6 +624,14 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
     return h, r
 
 
+def _layout(x, r, alpha, scale, weight, bias, gate) -> tuple:
+    """What a cached backward call assumes of the saved tensors' memory layout, to check it against
+    what autograd unpacks: x's, r's, scale's and gate's strides are in its integer arguments, and the
+    vectors are read at unit stride."""
+    return (x.stride(), r.stride(), alpha.is_contiguous(), weight is None or weight.is_contiguous(),
+            bias is None or bias.is_contiguous(), scale.stride(), None if gate is None else gate.stride())
+
+
 def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor,
              weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, has_residual: bool, launch=None,
              slot: list | None = None):
@@ -635,8 +643,12 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     call = None
     if slot is not None and launch is None and dh.is_contiguous() and (dr is None or dr.is_contiguous()):
         call = slot[1].get(dr is not None)
+        if call is not None and call[6] != _layout(x, r, alpha, scale, weight, bias, gate):
+            # a saved-tensor hook registered on one tensor after the forward
+            # (grad_fn._raw_saved_tensors[i].register_hooks) unpacked another layout than the call's
+            call = None
     if call is not None:
-        cfg, shift_tok, scale_tok, gate_tok, write_dx, ints = call
+        cfg, shift_tok, scale_tok, gate_tok, write_dx, ints, _ = call
     else:
         shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
         gate_tok = gate is not None and per_token(gate, L)
@@ -657,6 +669,9 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
                 if t is not None:
                     t.zero_()
             return grads
+        # The vectors are read at unit stride; the forward's checks made them so, but a saved-tensor
+        # hook may unpack them otherwise (contiguous() is the tensor itself when it is).
+        alpha, weight, bias = (None if t is None else t.contiguous() for t in (alpha, weight, bias))
         dh2, r2, drt2 = rows_view(dh, D), rows_view(r, D), drt.view(-1, D)
         dr2 = r2 if dr is None else rows_view(dr, D)
         x2 = rows_view(x, D) if gate is not None else r2
@@ -675,7 +690,8 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
                 sgb, sgl, sscb, sscl, p.sample_stride, p.channel_stride)
         contiguous = dh.is_contiguous() and (dr is None or dr.is_contiguous())
         if slot is not None and slot[2] and launch is None and contiguous and not wide:
-            slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints)
+            slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints,
+                                       _layout(x, r, alpha, scale, weight, bias, gate))
     part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
     args = (dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
             x2 if weight is None else weight, x2 if bias is None else bias,
