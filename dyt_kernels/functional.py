@@ -68,6 +68,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         slot = _VALIDATED.get(sig)
     if slot is None:
         args = _check_dyt_args(x, alpha, weight, bias, channels_last)
+        if _subclass_among(args[1:]):
+            return reference.dyt(*args, channels_last)
         if channels_last and sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
             slot = _VALIDATED.add(sig, [None, None, sig[3]])  # launches (fwd, bwd); x contiguous
         x, alpha, weight, bias = args
@@ -121,6 +123,14 @@ def _plain_ops(x: Tensor) -> bool:
 
 
 _TRACING = (FakeTensor, FunctionalTensor)
+
+
+def _subclass_among(tensors) -> bool:
+    """Whether a tensor subclass is among the arguments other than x (a plain x: _plain_ops has let
+    it through). Such a call takes the plain ops too and its signature is never cached, so every
+    call with it comes back here; only a subclass argument arriving under a signature that plain
+    tensors cached before would still reach the kernels (and fail there, loudly)."""
+    return any(t is not None and type(t) is not Tensor and type(t) is not Parameter for t in tensors)
 
 
 def _compiled_dyt(x, alpha, weight, bias, channels_last):
@@ -204,6 +214,9 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     if slot is None:
         checked = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
         checked_alpha = as_alpha(alpha, x, x.shape[2])
+        if _subclass_among((*checked, checked_alpha, residual)):
+            (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
+            return reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
         if sig is not None and all(a is b for a, b in zip((*checked, checked_alpha),
                                                           (shift, scale, weight, bias, gate, alpha))):
             # [forward call, {has_dr: backward call}, whether the launches read every tensor in place]

@@ -145,3 +145,29 @@ def test_dtensor_sequence_parallel(backend, one_rank_group):
     torch.testing.assert_close(h.full_tensor().double(), h64, **TOL)
     for g, g64 in zip(grads, want):   # sums over 12 rows
         torch.testing.assert_close(g.full_tensor().double(), g64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subclass_among_the_other_arguments(backend, device):
+    """A plain x with a subclass weight (dyt) or residual (dyt_modulate): the plain ops too (before,
+    the Triton backend failed in the launcher), the values of each part against float64."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    D = 8
+    x = torch.randn(2, 3, D, device=device, requires_grad=True)
+    a, w, b = _params(D, device)
+    wa, wb = torch.randn(D, device=device), torch.randn(D, device=device)
+    ra, rb = torch.randn(2, 3, D, device=device), torch.randn(2, 3, D, device=device)
+    shift, scale, gate = (torch.randn(2, D, device=device) for _ in range(3))
+    with use_backend(backend):
+        y = dyt(x, a, TwoTensor(wa, wb), b)
+        h, r = dyt_modulate(x, a, shift, scale, w, b, residual=TwoTensor(ra, rb), gate=gate)
+    assert type(y) is TwoTensor and type(h) is TwoTensor and type(r) is TwoTensor
+    x64 = x.detach().double()
+    for part, wp, rp in (("a", wa, ra), ("b", wb, rb)):
+        torch.testing.assert_close(getattr(y, part).double(), dyt_formula(x64, a.double(), wp.double(), b.double()),
+                                   **TOL)
+        h64, r64 = modulate_formula(x64, a.double(), shift.double(), scale.double(), w.double(), b.double(),
+                                    rp.double(), gate.double())
+        torch.testing.assert_close(getattr(h, part).double(), h64, **TOL)
+        torch.testing.assert_close(getattr(r, part).double(), r64, **TOL)
