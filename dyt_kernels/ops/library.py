@@ -154,7 +154,7 @@ def dres_is_dx(x: Tensor, r: Tensor, gate: Optional[Tensor], has_residual: bool)
     launcher writes it once), which the ops leave out (custom-op outputs may not alias) and callers
     take from dx. With x and r of different dtypes (bf16 x on an fp32 residual stream) both are
     written, dresidual in r's dtype; taking it from dx would round it to x's."""
-    return has_residual and gate is None and x.dtype == r.dtype
+    return has_residual and not mod_ops.writes_dx(x, r, gate, has_residual)
 
 
 def _mod_grads(grads, x: Tensor, r: Tensor, has_residual: bool, gate: Optional[Tensor]) -> tuple:

@@ -560,6 +560,12 @@ def outputs_like(x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor | N
     return torch.empty_like(x, memory_format=torch.contiguous_format), r
 
 
+def writes_dx(x: Tensor, r: Tensor, gate: Tensor | None, has_residual: bool) -> bool:
+    """Whether the backward writes dx apart from the norm input's gradient drt: with a residual,
+    when a gate scales x or x and r differ in dtype; otherwise dx is drt itself."""
+    return has_residual and (gate is not None or x.dtype != r.dtype)
+
+
 def grads_like(x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
                bias: Tensor | None, gate: Tensor | None, has_residual: bool, flags: tuple | None = None) -> list:
     """backward's gradients, allocated (dense; None where absent, dshift where shift is per token, dx
@@ -568,7 +574,7 @@ def grads_like(x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor
     B, L, D = x.shape
     dev = x.device
     shift_tok, scale_tok, write_dx = flags or (per_token(shift, L), per_token(scale, L),
-                                               has_residual and (gate is not None or x.dtype != r.dtype))
+                                               writes_dx(x, r, gate, has_residual))
     drt = torch.empty((B, L, D), dtype=r.dtype, device=dev)
     dx = torch.empty((B, L, D), dtype=x.dtype, device=dev) if write_dx else drt
     dshift = None if shift_tok else torch.empty(shift.shape, dtype=shift.dtype, device=dev)
@@ -652,7 +658,7 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     else:
         shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
         gate_tok = gate is not None and per_token(gate, L)
-        write_dx = has_residual and (gate is not None or x.dtype != r.dtype)
+        write_dx = writes_dx(x, r, gate, has_residual)
     grads = grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual, (shift_tok, scale_tok, write_dx))
     dx, dgate, dshift, dscale, dw, db, da = grads[0], *grads[2:]
     drt = grads[1] if has_residual else dx
