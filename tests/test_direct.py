@@ -178,6 +178,60 @@ def test_never_under_the_interpreter():
     assert not direct.ENABLED and not direct.enabled()
 
 
+_C_LAUNCH_SCRIPT = """
+import copy, sys, torch, triton
+from bench import stub_driver
+stub_driver.install()
+from triton.runtime import driver
+calls = []
+driver.active.utils.launch = lambda *a: calls.append(a)   # before any kernel compiles: its launcher binds it
+from dyt_kernels.ops import direct, dyt as D
+if not triton.__version__.startswith(direct.C_LAUNCH_VERSIONS):
+    print("SKIP Triton", triton.__version__); sys.exit(0)
+x, a, w, b = torch.randn(16, 8), torch.randn(1), torch.randn(8), torch.randn(8)
+cfg = D._forward_launch((16, 8, 8, torch.float32, torch.float32, torch.float32, torch.float32, True, True,
+                         False, False, torch.device("cpu"), False, 1))
+args = (x, torch.empty_like(x), a, w, b, 16, 8, 8, 8, 8)
+compiled = D._dyt_fwd_kernel.run(*args, *cfg.consts, grid=cfg.grid, warmup=False, **cfg.options)
+assert direct.c_launch_of(compiled.run) is not None, "Triton 3.8's launcher not recognized"
+# distinct stand-ins for the launcher's fixed fields, so a field passed in the wrong place shows
+compiled.run.launch_cooperative_grid, compiled.run.launch_pdl = "cooperative", "pdl"
+compiled.run.arg_annotations, compiled.run.kernel_signature = "annotations", "signature"
+calls.clear()
+direct.runner_of(compiled, cfg.grid)(0, args, cfg.consts)           # the C function called directly
+compiled.run(*cfg.grid, 1, 1, 0, compiled.function, compiled.packed_metadata, None, None, None, *args, *cfg.consts)
+assert len(calls) == 2, calls
+assert calls[0] == calls[1], (calls[0], calls[1])
+assert calls[0][15] == args + cfg.consts
+for field, value in (("global_scratch_size", 64), ("profile_scratch_size", 64), ("gsan_enabled", True)):
+    other = copy.copy(compiled.run)
+    setattr(other, field, value)
+    assert direct.c_launch_of(other) is None, field   # something to allocate: Triton's own __call__
+other = copy.copy(compiled.run)
+other.launch = lambda *a: None    # wrapped (tensor descriptors)
+assert direct.c_launch_of(other) is None
+print("OK")
+"""
+
+
+def test_the_c_launch_gets_what_tritons_launcher_would_pass():
+    """Triton 3.8: a direct launch calls the driver's C launch function itself, skipping
+    CudaLauncher.__call__'s Python; on the stub driver (the C function replaced by a recorder) both
+    hand it the same arguments, and a launcher with scratch to allocate, a sanitizer or wrapped
+    descriptors keeps Triton's own __call__. A subprocess: the stub driver replaces the active one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _C_LAUNCH_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout.strip())
+    assert out.stdout.strip() == "OK"
+
+
 # --------------------------------------------------------------------------------------------------
 # On a GPU: the direct path against the JIT launcher, bitwise.
 
