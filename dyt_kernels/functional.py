@@ -56,13 +56,16 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
     if channels_last:
         try:
             # Flat (no nested tuples: it is built and hashed on every call); an absent weight or bias
-            # shows as None where its shape would be, so no two argument lists share a signature.
+            # shows as None where its shape would be, so no two argument lists share a signature. The
+            # types of the arguments other than x (x's is checked on every call) keep a tensor
+            # subclass among them from matching a signature plain tensors cached (_subclass_among).
             sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
                    alpha.is_contiguous(),
                    None if weight is None else weight.shape, None if weight is None else weight.dtype,
                    None if weight is None else weight.device, weight is None or weight.is_contiguous(),
                    None if bias is None else bias.shape, None if bias is None else bias.dtype,
-                   None if bias is None else bias.device, bias is None or bias.is_contiguous())
+                   None if bias is None else bias.device, bias is None or bias.is_contiguous(),
+                   type(alpha), type(weight), type(bias))
         except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
             sig = None
         slot = _VALIDATED.get(sig)
@@ -128,8 +131,9 @@ _TRACING = (FakeTensor, FunctionalTensor)
 def _subclass_among(tensors) -> bool:
     """Whether a tensor subclass is among the arguments other than x (a plain x: _plain_ops has let
     it through). Such a call takes the plain ops too and its signature is never cached, so every
-    call with it comes back here; only a subclass argument arriving under a signature that plain
-    tensors cached before would still reach the kernels (and fail there, loudly)."""
+    call with it comes back here; the signatures hold those arguments' types, so a signature plain
+    tensors cached never matches it (before they did, and a subclass residual with a cached plain
+    one's shape reached the kernels)."""
     return any(t is not None and type(t) is not Tensor and type(t) is not Parameter for t in tensors)
 
 
@@ -201,13 +205,14 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         return _compiled_modulate(x, as_alpha(alpha, x, x.shape[2]), shift, scale, weight, bias, residual, gate)
     try:
         # Modulations by their strides: adaLN chunks them out of one (B, 6D) projection, so they are
-        # strided views, which the kernels read in place (unit channel stride).
+        # strided views, which the kernels read in place (unit channel stride). The types as in dyt's.
         sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
                alpha.is_contiguous(), shift.shape, shift.dtype, shift.device, shift.stride(),
                scale.shape, scale.dtype, scale.device, scale.stride(),
                *_opt_sig(weight), *_opt_sig(bias), *_opt_sig(residual),
                None if gate is None else gate.shape, None if gate is None else gate.dtype,
-               None if gate is None else gate.device, None if gate is None else gate.stride())
+               None if gate is None else gate.device, None if gate is None else gate.stride(),
+               type(alpha), type(shift), type(scale), type(weight), type(bias), type(residual), type(gate))
     except AttributeError:   # a Python-number alpha, or a wrong type the checks will name
         sig = None
     slot = _VALIDATED_MOD.get(sig)
