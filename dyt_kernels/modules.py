@@ -51,6 +51,15 @@ def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.reshape(-1)
 
 
+def _params(module: nn.Module, *names: str) -> tuple:
+    """module.<name> for each name, read from the module's parameter dict where it lives there:
+    nn.Module.__getattr__ costs ~0.4 µs a read, three reads as much as the rest of a small call's
+    Python. A name not in the dict (a parametrization, weight_norm or a subclass redefines it) is
+    read as an attribute, so whatever the module answers for it is what the op gets."""
+    params = module._parameters
+    return tuple(params[n] if n in params else getattr(module, n) for n in names)
+
+
 class DyT(nn.Module):
     """Dynamic Tanh, ``weight * tanh(alpha * x) + bias``: replaces ``nn.LayerNorm`` one word for one.
 
@@ -117,18 +126,21 @@ class DyT(nn.Module):
         # Under torch.jit.script this stays a Python call (the ops are Triton launches or custom ops).
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        alpha, weight, bias = _params(self, "alpha", "weight", "bias")
         if not self.channels_last:
             if x.dim() < 2 or x.shape[1] != self.normalized_shape[0]:
                 raise ValueError(f"x must be (N, C={self.normalized_shape[0]}, ...) for channels_last=False, "
                                  f"got shape {tuple(x.shape)}")
-            return dyt(x, self.alpha.reshape(-1), self.weight, self.bias, channels_last=False)
+            return dyt(x, alpha.reshape(-1), weight, bias, channels_last=False)
         k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != self.normalized_shape:
+        # torch.Size is a tuple: its last k sizes against normalized_shape (all of them, so a mismatch,
+        # where x has fewer than k dims)
+        if x.shape[-k:] != self.normalized_shape:
             raise ValueError(f"x must end in normalized_shape={self.normalized_shape}, got shape {tuple(x.shape)}")
         if k == 1:
-            return dyt(x, self.alpha, self.weight, self.bias)
+            return dyt(x, alpha, weight, bias)
         # Several normalized dims: DyT is elementwise, so flatten them into one channel dim.
-        y = dyt(x.reshape(*x.shape[: x.dim() - k], -1), self.alpha.reshape(-1), _flat(self.weight), _flat(self.bias))
+        y = dyt(x.reshape(*x.shape[: x.dim() - k], -1), alpha.reshape(-1), _flat(weight), _flat(bias))
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -179,7 +191,8 @@ class ModulatedDyT(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, D) with D=hidden_size={self.hidden_size}, got {shape}")
-        return dyt_modulate(x, self.alpha, shift, scale, self.weight, self.bias, residual=residual, gate=gate)
+        alpha, weight, bias = _params(self, "alpha", "weight", "bias")
+        return dyt_modulate(x, alpha, shift, scale, weight, bias, residual=residual, gate=gate)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, alpha_init_value={self.alpha_init_value}, "

@@ -153,6 +153,55 @@ def test_module_wrong_trailing_shape(device):
         DyT((4, 8), device=device)(torch.randn(2, 8, 4, device=device))
     with pytest.raises(ValueError, match="normalized_shape must be positive"):
         DyT((4, 0))
+    # fewer dims than normalized_shape, or none: the trailing-shape check names them too
+    with pytest.raises(ValueError, match=r"normalized_shape=\(4, 8\).*\(8,\)"):
+        DyT((4, 8), device=device)(torch.randn(8, device=device))
+    with pytest.raises(ValueError, match=r"normalized_shape=\(8,\).*\(\)"):
+        DyT(8, device=device)(torch.randn((), device=device))
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("how", ["parametrize", "functional_call", "assigned"])
+def test_module_reads_the_parameters_the_module_answers_for(how, backend, device):
+    """The modules read their parameters from the parameter dict (cheaper than nn.Module's
+    __getattr__); a parametrization moves `weight` out of that dict, functional_call swaps tensors
+    into it, assignment replaces the Parameter: each forward must use what module.<name> gives."""
+    from torch.nn.utils import parametrize
+    norm = randomize_(DyT(8, device=device))
+    mod = ModulatedDyT(8, elementwise_affine=True, device=device)
+    randomize_(mod)
+    x = torch.randn(3, 5, 8, device=device)
+    shift, scale = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
+    with use_backend(backend):
+        if how == "parametrize":
+            for m in (norm, mod):
+                parametrize.register_parametrization(m, "weight", _Doubled())
+                assert "weight" not in m._parameters
+            y, h = norm(x), mod(x, shift, scale)
+        elif how == "functional_call":
+            new = {"weight": 2 * norm.weight.detach(), "bias": norm.bias.detach() - 1}
+            y = torch.func.functional_call(norm, new, (x,))
+            h = torch.func.functional_call(mod, {"weight": 2 * mod.weight.detach()}, (x, shift, scale))
+            norm.bias.data -= 1   # the expected values below read the module's own parameters
+            norm.weight.data *= 2
+            mod.weight.data *= 2
+        else:
+            for m in (norm, mod):
+                m.weight = nn.Parameter(2 * m.weight.detach())
+            y, h = norm(x), mod(x, shift, scale)
+    w = norm.weight.detach().double()
+    want_y = dyt_formula(x.double(), norm.alpha.detach().double(), w, norm.bias.detach().double())
+    mw = mod.weight.detach().double()
+    want_h = dyt_formula(x.double(), mod.alpha.detach().double(), mw, mod.bias.detach().double()) \
+        * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    # fp32 vs float64 elementwise: the tanh form's error times |w| (<= ~6 here), plus rounding
+    torch.testing.assert_close(y, want_y.float(), rtol=1e-5, atol=8 * TANH_F32_ABS_ERR * 6)
+    torch.testing.assert_close(h, want_h.float(), rtol=1e-5, atol=8 * TANH_F32_ABS_ERR * 6 * 4)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, "0.5", None, True])
