@@ -33,7 +33,9 @@ import torch
 
 from . import report
 
-OPS = ("dyt", "dyt_modulate")
+OPS = ("dyt", "dyt_modulate", "DyT module")
+# Each op's baseline: its "vs eager" column divides by this provider's time in the same mode.
+EAGER = {"dyt": "eager DyT (3 ops)", "dyt_modulate": "eager DyT + modulate", "DyT module": "eager DyT module"}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -67,6 +69,7 @@ def _cases(device: torch.device) -> dict:
         return dk.dyt_modulate(xm, a, shift, scale, w, b, residual=res, gate=gate)
 
     mod_inputs = (xm, a, shift, scale, w, b, res, gate)
+    ours_m, eager_m, ln_m = _modules(device)
     return {
         ("dyt", "fwd", "ours"): lambda: dk.dyt(x, a, w, b),
         ("dyt", "fwd", "eager DyT (3 ops)"): lambda: w * torch.tanh(a * x) + b,
@@ -84,7 +87,35 @@ def _cases(device: torch.device) -> dict:
         ("dyt_modulate", "fwd+bwd", "ours"): lambda: torch.autograd.grad(ours_mod(), mod_inputs, dh),
         ("dyt_modulate", "fwd+bwd", "eager DyT + modulate"): lambda: torch.autograd.grad(eager_mod(), mod_inputs,
                                                                                          dh),
+        ("DyT module", "fwd", "ours"): lambda: ours_m(x),
+        ("DyT module", "fwd", "eager DyT module"): lambda: eager_m(x),
+        ("DyT module", "fwd", "nn.LayerNorm"): lambda: ln_m(x),
+        ("DyT module", "fwd+bwd", "ours"): lambda: torch.autograd.grad(ours_m(x), (x, *ours_m.parameters()), dy),
+        ("DyT module", "fwd+bwd", "eager DyT module"): lambda: torch.autograd.grad(eager_m(x),
+                                                                                 (x, *eager_m.parameters()), dy),
+        ("DyT module", "fwd+bwd", "nn.LayerNorm"): lambda: torch.autograd.grad(ln_m(x), (x, *ln_m.parameters()), dy),
     }
+
+
+def _modules(device: torch.device):
+    """The modules a model calls: dyt_kernels.DyT, the DyT paper's module (three torch ops over its
+    parameters, as models without fused kernels write it) and nn.LayerNorm, each over 8 channels.
+    Module calls add nn.Module.__call__ and parameter reads to the functional ops' cost."""
+    from torch import nn
+
+    import dyt_kernels as dk
+
+    class EagerDyT(nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.full((1,), 0.5, device=device))
+            self.weight = nn.Parameter(torch.ones(channels, device=device))
+            self.bias = nn.Parameter(torch.zeros(channels, device=device))
+
+        def forward(self, x):
+            return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+    return dk.DyT(8, device=device), EagerDyT(8), nn.LayerNorm(8, device=device)
 
 
 def _no_grad(fn, *args):
@@ -132,7 +163,7 @@ def measure(device: torch.device, calls: int, rounds: int, jit_rows: bool = Fals
                 best[key] = min(best[key], (time.perf_counter() - t0) / calls * 1e6)
     rows = []
     for (op, mode, who), us in best.items():
-        eager = best[(op, mode, "eager DyT (3 ops)" if op == "dyt" else "eager DyT + modulate")]
+        eager = best[(op, mode, EAGER[op])]
         rows.append({"op": op, "mode": mode, "provider": who, "us_per_call": us, "vs_eager": us / eager})
     return rows
 

@@ -51,13 +51,16 @@ def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.reshape(-1)
 
 
-def _params(module: nn.Module, *names: str) -> tuple:
-    """module.<name> for each name, read from the module's parameter dict where it lives there:
-    nn.Module.__getattr__ costs ~0.4 µs a read, three reads as much as the rest of a small call's
-    Python. A name not in the dict (a parametrization, weight_norm or a subclass redefines it) is
-    read as an attribute, so whatever the module answers for it is what the op gets."""
+def _alpha_weight_bias(module: nn.Module) -> tuple:
+    """module.alpha, module.weight, module.bias, read from the module's parameter dict where they live
+    there: nn.Module.__getattr__ costs ~0.4 µs a read, three reads as much as the rest of a small
+    call's Python. Where one is not in the dict (a parametrization or weight_norm moved it, a
+    subclass redefines it) all three are read as attributes, so the op gets what the module answers."""
     params = module._parameters
-    return tuple(params[n] if n in params else getattr(module, n) for n in names)
+    try:
+        return params["alpha"], params["weight"], params["bias"]
+    except KeyError:
+        return module.alpha, module.weight, module.bias
 
 
 class DyT(nn.Module):
@@ -126,7 +129,7 @@ class DyT(nn.Module):
         # Under torch.jit.script this stays a Python call (the ops are Triton launches or custom ops).
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        alpha, weight, bias = _params(self, "alpha", "weight", "bias")
+        alpha, weight, bias = _alpha_weight_bias(self)
         if not self.channels_last:
             if x.dim() < 2 or x.shape[1] != self.normalized_shape[0]:
                 raise ValueError(f"x must be (N, C={self.normalized_shape[0]}, ...) for channels_last=False, "
@@ -191,7 +194,7 @@ class ModulatedDyT(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, D) with D=hidden_size={self.hidden_size}, got {shape}")
-        alpha, weight, bias = _params(self, "alpha", "weight", "bias")
+        alpha, weight, bias = _alpha_weight_bias(self)
         return dyt_modulate(x, alpha, shift, scale, weight, bias, residual=residual, gate=gate)
 
     def extra_repr(self) -> str:

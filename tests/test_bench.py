@@ -334,9 +334,11 @@ def test_host_bench_on_cpu(tmp_path):
     finally:
         interp.InterpretedFunction.run = run
     keys = {(r["op"], r["mode"], r["provider"]) for r in sec["rows"]}
-    for op, eager in (("dyt", "eager DyT (3 ops)"), ("dyt_modulate", "eager DyT + modulate")):
+    for op, eager in host.EAGER.items():
         for mode in ("fwd", "fwd+bwd"):
             assert (op, mode, "ours") in keys and (op, mode, eager) in keys
+    assert ("DyT module", "fwd", "nn.LayerNorm") in keys
+    assert all(r["vs_eager"] == 1.0 for r in sec["rows"] if r["provider"] == host.EAGER[r["op"]])
     assert ("dyt", "no_grad", "ours") in keys and ("dyt", "no_grad", "eager DyT (3 ops)") in keys
     assert all(r["us_per_call"] > 0 for r in sec["rows"])
     assert "## Host time per call" in next(tmp_path.glob("*.md")).read_text()
