@@ -84,6 +84,8 @@ def _cases(device: torch.device) -> dict:
                                                                        (x, lw, lb), dy),
         ("dyt_modulate", "fwd", "ours"): ours_mod,
         ("dyt_modulate", "fwd", "eager DyT + modulate"): eager_mod,
+        ("dyt_modulate", "no_grad", "ours"): lambda: _no_grad(ours_mod),
+        ("dyt_modulate", "no_grad", "eager DyT + modulate"): lambda: _no_grad(eager_mod),
         ("dyt_modulate", "fwd+bwd", "ours"): lambda: torch.autograd.grad(ours_mod(), mod_inputs, dh),
         ("dyt_modulate", "fwd+bwd", "eager DyT + modulate"): lambda: torch.autograd.grad(eager_mod(), mod_inputs,
                                                                                          dh),

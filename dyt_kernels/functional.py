@@ -15,8 +15,8 @@ from torch.nn import Parameter
 
 from . import reference
 from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
-from .autograd import (DyTFunction, DyTFused, DyTModulateFunction, DyTModulateFused, DyTModulateReference,
-                       DyTReference)
+from .autograd import (DyTFused, DyTModulateFused, DyTModulateReference, DyTReference, dyt_apply,
+                       modulate_apply)
 from .backend import traced_backend, use_triton
 from .ops import dyt as dyt_ops
 from .ops import modulate as mod_ops
@@ -84,14 +84,14 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
             return _on_device(x, _dyt_triton, x, alpha, weight, bias, channels_last, slot)
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
-        return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
+        return dyt_apply(x, alpha, weight, bias, channels_last, slot)
     return DyTReference.apply(x, alpha, weight, bias, channels_last)
 
 
 def _dyt_triton(x, alpha, weight, bias, channels_last, slot):
     if not torch.is_grad_enabled():
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
-    return DyTFunction.apply(x, alpha, weight, bias, channels_last, slot)
+    return dyt_apply(x, alpha, weight, bias, channels_last, slot)
 
 
 def _on_device(x: Tensor, call, *args):
@@ -240,7 +240,7 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             h, r = mod_ops.forward(*args, None, slot)
             return h if residual is None else (h, r)
-        return DyTModulateFunction.apply(*args, slot)
+        return modulate_apply(*args, slot)
     return DyTModulateReference.apply(*args)
 
 
@@ -248,7 +248,7 @@ def _modulate_triton(args, slot):
     if not torch.is_grad_enabled():
         h, r = mod_ops.forward(*args, None, slot)
         return h if args[6] is None else (h, r)
-    return DyTModulateFunction.apply(*args, slot)
+    return modulate_apply(*args, slot)
 
 
 def _compiled_modulate(*args):

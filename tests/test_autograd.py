@@ -251,3 +251,55 @@ def test_fp32_residual_gradient_stays_fp32_under_a_bf16_x(route, monkeypatch):
     assert dres.dtype == torch.float32
     # fp32 math on O(1) values: a few fp32 ulps; a bf16 rounding is 2^-9 relative
     torch.testing.assert_close(dres.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("python_apply", [False, True], ids=["this-torch", "python-apply"])
+def test_lean_apply_matches_float64_and_unwraps_dead_wrappers(python_apply, affine, device, monkeypatch):
+    """The eager Functions' apply: torch's own where it is C++, else (forced here: torch 2.11's is
+    Python) the C apply called directly after unwrapping dead functorch wrappers, as torch's Python
+    apply does. Both against float64: values and gradients, with and without affine, a residual and
+    a gate; and x a dead wrapper (a tensor that escaped a finished torch.func.grad), which works as
+    the tensor it wraps."""
+    from float64_checks import dyt_formula, modulate_formula
+
+    from dyt_kernels import autograd as AG
+    from dyt_kernels import functional as Fn
+    monkeypatch.setattr(Fn, "dyt_apply", AG.lean_dyt_apply(AG.DyTFunction, python_apply))
+    monkeypatch.setattr(Fn, "modulate_apply", AG.lean_modulate_apply(AG.DyTModulateFunction, python_apply))
+    leaked = []
+
+    def f(t):
+        leaked.append(t * 1)   # escapes the transform: a dead wrapper once grad returns
+        return (t * t).sum()
+    torch.func.grad(f)(torch.randn(2, 5, 8, device=device))
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    plain = torch._C._functorch.unwrap_if_dead(dead)
+    D = 8
+    a = torch.tensor([0.7], device=device, requires_grad=True)
+    w, b = (torch.randn(D, device=device, requires_grad=True) for _ in range(2)) if affine else (None, None)
+    res, shift, scale, gate = (torch.randn(*s, device=device, requires_grad=True)
+                               for s in ((2, 5, D), (2, D), (2, D), (2, D)))
+    params = [p for p in (a, w, b) if p is not None]
+    dy = torch.randn(2, 5, D, device=device)
+    d64 = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    for x in (plain.clone().requires_grad_(), dead):   # (the dead wrapper's gradient is its unwrapped tensor's)
+        with use_backend("triton"):
+            y = dyt(x, a, w, b)
+            h, r = dyt_modulate(x, a, shift, scale, w, b, residual=res, gate=gate)
+            leaves = ([] if x is dead else [x]) + params + [res, shift, scale, gate]
+            grads = torch.autograd.grad((y, h, r), leaves, (dy, dy, dy))
+        x64 = d64(plain)
+        a64, w64, b64, res64, shift64, scale64, gate64 = map(d64, (a, w, b, res, shift, scale, gate))
+        y64 = dyt_formula(x64, a64, w64, b64)
+        h64, r64 = modulate_formula(x64, a64, shift64, scale64, w64, b64, res64, gate64)
+        leaves64 = ([] if x is dead else [x64]) + [p for p in (a64, w64, b64) if p is not None] \
+            + [res64, shift64, scale64, gate64]
+        want = torch.autograd.grad((y64, h64, r64), leaves64, (dy.double(),) * 3)
+        # fp32 kernels against float64: elementwise values to ~1e-6; gradients sum over <= 10 rows
+        torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h.double(), h64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r.double(), r64, atol=1e-5, rtol=1e-5)
+        for g, g64 in zip(grads, want):
+            torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)
