@@ -33,9 +33,10 @@ import torch
 
 from . import report
 
-OPS = ("dyt", "dyt_modulate", "DyT module")
+OPS = ("dyt", "dyt channels-first", "dyt_modulate", "DyT module")
 # Each op's baseline: its "vs eager" column divides by this provider's time in the same mode.
-EAGER = {"dyt": "eager DyT (3 ops)", "dyt_modulate": "eager DyT + modulate", "DyT module": "eager DyT module"}
+EAGER = {"dyt": "eager DyT (3 ops)", "dyt channels-first": "eager DyT, w[:, None, None]",
+         "dyt_modulate": "eager DyT + modulate", "DyT module": "eager DyT module"}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -70,6 +71,11 @@ def _cases(device: torch.device) -> dict:
 
     mod_inputs = (xm, a, shift, scale, w, b, res, gate)
     ours_m, eager_m, ln_m = _modules(device)
+    # channels_last=False: an (N, C, H, W) activation as ConvNeXt's stem and downsampling norms see it
+    xc, dyc = leaf(2, 8, 2, 4), torch.randn(2, 8, 2, 4, device=device)
+
+    def eager_cf():
+        return w[:, None, None] * torch.tanh(a * xc) + b[:, None, None]
     return {
         ("dyt", "fwd", "ours"): lambda: dk.dyt(x, a, w, b),
         ("dyt", "fwd", "eager DyT (3 ops)"): lambda: w * torch.tanh(a * x) + b,
@@ -82,6 +88,14 @@ def _cases(device: torch.device) -> dict:
                                                                             (x, a, w, b), dy),
         ("dyt", "fwd+bwd", "F.layer_norm"): lambda: torch.autograd.grad(F.layer_norm(x, (8,), lw, lb),
                                                                        (x, lw, lb), dy),
+        ("dyt channels-first", "fwd", "ours"): lambda: dk.dyt(xc, a, w, b, channels_last=False),
+        ("dyt channels-first", "fwd", "eager DyT, w[:, None, None]"): eager_cf,
+        ("dyt channels-first", "no_grad", "ours"): lambda: _no_grad(dk.dyt, xc, a, w, b, channels_last=False),
+        ("dyt channels-first", "no_grad", "eager DyT, w[:, None, None]"): lambda: _no_grad(eager_cf),
+        ("dyt channels-first", "fwd+bwd", "ours"): lambda: torch.autograd.grad(
+            dk.dyt(xc, a, w, b, channels_last=False), (xc, a, w, b), dyc),
+        ("dyt channels-first", "fwd+bwd", "eager DyT, w[:, None, None]"): lambda: torch.autograd.grad(
+            eager_cf(), (xc, a, w, b), dyc),
         ("dyt_modulate", "fwd", "ours"): ours_mod,
         ("dyt_modulate", "fwd", "eager DyT + modulate"): eager_mod,
         ("dyt_modulate", "no_grad", "ours"): lambda: _no_grad(ours_mod),
@@ -120,9 +134,9 @@ def _modules(device: torch.device):
     return dk.DyT(8, device=device), EagerDyT(8), nn.LayerNorm(8, device=device)
 
 
-def _no_grad(fn, *args):
+def _no_grad(fn, *args, **kwargs):
     with torch.no_grad():
-        return fn(*args)
+        return fn(*args, **kwargs)
 
 
 def _jit_launcher(fns: dict) -> dict:

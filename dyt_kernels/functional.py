@@ -52,29 +52,31 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     if torch.compiler.is_compiling():   # traced: no signature cache (see _compiled_dyt)
         return _compiled_dyt(*_check_dyt_args(x, alpha, weight, bias, channels_last), channels_last)
-    slot = None
-    if channels_last:
-        try:
-            # Flat (no nested tuples: it is built and hashed on every call); an absent weight or bias
-            # shows as None where its shape would be, so no two argument lists share a signature. The
-            # types of the arguments other than x (x's is checked on every call) keep a tensor
-            # subclass among them from matching a signature plain tensors cached (_subclass_among).
-            sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
-                   alpha.is_contiguous(),
-                   None if weight is None else weight.shape, None if weight is None else weight.dtype,
-                   None if weight is None else weight.device, weight is None or weight.is_contiguous(),
-                   None if bias is None else bias.shape, None if bias is None else bias.dtype,
-                   None if bias is None else bias.device, bias is None or bias.is_contiguous(),
-                   type(alpha), type(weight), type(bias))
-        except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
-            sig = None
-        slot = _VALIDATED.get(sig)
+    try:
+        # Flat (no nested tuples: it is built and hashed on every call); an absent weight or bias
+        # shows as None where its shape would be, so no two argument lists share a signature. The
+        # types of the arguments other than x (x's is checked on every call) keep a tensor
+        # subclass among them from matching a signature plain tensors cached (_subclass_among).
+        # x's layout: its contiguity (a bool) channels-last, its strides (a tuple) channels-first,
+        # where they decide how the kernels walk it; the two kinds never match each other.
+        sig = (x.shape, x.dtype, x.device, x.is_contiguous() if channels_last else x.stride(),
+               alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(),
+               None if weight is None else weight.shape, None if weight is None else weight.dtype,
+               None if weight is None else weight.device, weight is None or weight.is_contiguous(),
+               None if bias is None else bias.shape, None if bias is None else bias.dtype,
+               None if bias is None else bias.device, bias is None or bias.is_contiguous(),
+               type(alpha), type(weight), type(bias))
+    except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
+        sig = None
+    slot = _VALIDATED.get(sig)
     if slot is None:
         args = _check_dyt_args(x, alpha, weight, bias, channels_last)
         if _subclass_among(args[1:]):
             return reference.dyt(*args, channels_last)
-        if channels_last and sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
-            slot = _VALIDATED.add(sig, [None, None, sig[3]])  # launches (fwd, bwd); x contiguous
+        if sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
+            # [forward launch, backward launch, in-place rows (M, N, C, x's strides or None)]: the
+            # launchers fill them (ops/dyt.py)
+            slot = _VALIDATED.add(sig, [None, None, None])
         x, alpha, weight, bias = args
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
             or _functorch_active():   # _plain_ops(x), inlined

@@ -88,3 +88,53 @@ def test_modulate_layouts_through_one_signature(grad):
             for n, g, g64 in zip(("x", "shift", "scale", "gate"), got, want):
                 # per-sample modulation gradients sum over L = 5 tokens of O(1) terms in fp32
                 torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-5, msg=f"{msg}: d{n}")
+
+
+def _cf_layouts(shape):
+    """An (N, C, H, W) shape for channels_last=False in several layouts: NCHW dense, stored NHWC
+    (channels_last memory format), a stepped slice, an expansion over the batch, a misaligned offset
+    view, batch innermost in storage; then NCHW and NHWC again (hits of the first two signatures)."""
+    dense = torch.randn(shape)
+    last = len(shape) - 1
+
+    def nhwc(t):   # (N, C): column-major stands in
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.t().contiguous().t()
+    yield "NCHW", dense
+    yield "NHWC", nhwc(torch.randn(shape))
+    yield "stepped", torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+    yield "expanded", torch.randn(1, *shape[1:]).expand(shape)
+    yield "offset", torch.randn(dense.numel() + 1)[1:].view(shape)
+    yield "relaid", dense.transpose(0, last).contiguous().transpose(0, last)
+    yield "NCHW again", torch.randn(shape)
+    yield "NHWC again", nhwc(torch.randn(shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (3, 6, 1, 1), (5, 6)], ids=["NCHW", "Nx6x1x1", "NxC"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_dyt_channels_first_layouts_through_one_signature(grad, shape):
+    """channels_last=False caches per signature too, with x's strides in it (they decide whether
+    the kernels walk rows of one channel or channels along rows); a cached call launches on the
+    tensors themselves, so every layout, and dy in a layout other than x's, must still be read right.
+    Gradients of alpha (per channel), weight and bias are sums over N*H*W of O(1) terms in fp32."""
+    C = shape[1]
+    a, w, b = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C)
+    dy_layouts = itertools.cycle(["like x", "NCHW", "NHWC"])
+    for (name, x), _ in itertools.product(_cf_layouts(shape), range(2)):   # twice: fill, then hit
+        x = x.detach().requires_grad_()
+        leaves = (x, *(p.clone().requires_grad_() for p in (a, w, b)))
+        with use_backend("triton"), torch.set_grad_enabled(grad):
+            y = dyt(*leaves, channels_last=False)
+        ins64 = [t.detach().double().requires_grad_() for t in leaves]
+        want = dyt_formula(*ins64, channels_last=False)
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5, msg=name)
+        if grad:
+            how = next(dy_layouts)
+            dy = torch.randn(shape)
+            if how == "like x":
+                dy = torch.empty_like(x).copy_(dy)
+            elif how == "NHWC":
+                dy = dy.contiguous(memory_format=torch.channels_last) if dy.dim() == 4 else dy.t().contiguous().t()
+            with use_backend("triton"):
+                got = _grads(y, leaves, dy)
+            for n, g, g64 in zip(("x", "alpha", "weight", "bias"), got, _grads(want, ins64, dy.double())):
+                torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-5, msg=f"{name}, dy {how}: d{n}")

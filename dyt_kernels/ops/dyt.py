@@ -517,15 +517,17 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
     """y = dyt(x) with one launch; `launch` wraps the kernel (wrap_triton inside custom ops). `slot`,
     from functional.py, remembers this argument signature's launch configurations between calls."""
     if slot is not None and slot[0] is not None and slot[2] and launch is None:
-        # A validated signature with contiguous channels-last x: its rows are x itself, the launch known
-        # and its integers fixed, so a direct launch (direct.py) while the inputs stay aligned.
+        # A validated signature whose x the kernels read in place, dense (contiguous channels-last, or
+        # channels-first stored NCHW or NHWC; in_place_rows): its rows are x itself and y's rows are
+        # empty_like(x)'s, the launch known and its integers fixed, so a direct launch (direct.py)
+        # while the inputs stay aligned.
         y = torch.empty_like(x)
         cfg = slot[0]
-        N = cfg.plan.cols
+        M, N, C, _ = slot[2]
         w = x if weight is None else weight
         b = x if bias is None else bias
         direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
-                      (x, y, alpha, w, b, cfg.plan.rows, N, N, N, N), (x, alpha, w, b))
+                      (x, y, alpha, w, b, M, N, C, N, N), (x, alpha, w, b))
         return y
     layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
     y = output_like(x, channels_last, layout)
@@ -556,23 +558,34 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
                           _forward_launch)
     P.run(cfg.plan.spec.kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
           x2 if bias is None else bias, M, N, C, sx, y2.stride(0), *levels)
+    if slot is not None and launch is None and not (wide or three) and in_place_rows(x, x2, sx, y, N):
+        slot[2] = (M, N, C, None if channels_last else x.stride())
     return y
+
+
+def in_place_rows(x: Tensor, x2: Tensor, sx: int, y: Tensor, N: int) -> bool:
+    """Whether x's kernel rows (x2, row stride sx) are x's own memory, dense, and y has x's strides:
+    then every x of the same shape and strides is its own rows, and empty_like(x) (which keeps a
+    dense tensor's strides) gives y's, so a signature that fixes x's strides (or its contiguity,
+    channels-last) can launch on the tensors themselves with the integers of this call."""
+    return x2.data_ptr() == x.data_ptr() and sx == N and y.stride() == x.stride()
 
 
 def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
              channels_last: bool, launch=None, slot: list | None = None):
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
-    if (slot is not None and slot[1] is not None and slot[2] and dy.is_contiguous() and x.is_contiguous()
-            and alpha.is_contiguous() and (weight is None or weight.is_contiguous())):
-        # A validated signature with contiguous channels-last x and dy: rows are the tensors themselves.
-        # (x, alpha and weight are checked again: a saved-tensor hook registered on one of them after
-        # the forward, grad_fn._raw_saved_tensors[i].register_hooks, may unpack another layout.)
+    rows = None if slot is None or slot[1] is None else slot[2]
+    if (rows and alpha.is_contiguous() and (weight is None or weight.is_contiguous())
+            and (dy.is_contiguous() and x.is_contiguous() if rows[3] is None else dy.stride() == rows[3] == x.stride())):
+        # A validated signature whose x the forward read in place (contiguous channels-last, or
+        # channels-first with x's strides; forward's slot[2]) and dy laid out as x: rows are the tensors
+        # themselves. (x, alpha and weight are checked again: a saved-tensor hook registered on one of
+        # them after the forward, grad_fn._raw_saved_tensors[i].register_hooks, may unpack another layout.)
         cfg, fixed = slot[1], launch is None
         p = cfg.plan
         x2, dy2, dx = x, dy, torch.empty_like(x)
         dx2 = dx
-        M, N = p.rows, p.K
-        C = N
+        M, N, C, _ = rows
         strides = (N, N, N)   # the tensors may have more dims than (M, N): their row stride is N
         levels = ONE_LEVEL
     else:
