@@ -57,9 +57,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         # shows as None where its shape would be, so no two argument lists share a signature. The
         # types of the arguments other than x (x's is checked on every call) keep a tensor
         # subclass among them from matching a signature plain tensors cached (_subclass_among).
-        # x's layout: its contiguity (a bool) channels-last, its strides (a tuple) channels-first,
-        # where they decide how the kernels walk it; the two kinds never match each other.
-        sig = (x.shape, x.dtype, x.device, x.is_contiguous() if channels_last else x.stride(),
+        # x's strides decide how the kernels walk it (ops/dyt.py's InPlace), with channels_last.
+        sig = (x.shape, x.dtype, x.device, x.stride(), channels_last,
                alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(),
                None if weight is None else weight.shape, None if weight is None else weight.dtype,
                None if weight is None else weight.device, weight is None or weight.is_contiguous(),
@@ -74,7 +73,7 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         if _subclass_among(args[1:]):
             return reference.dyt(*args, channels_last)
         if sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
-            # [forward launch, backward launch, in-place rows (M, N, C, x's strides or None)]: the
+            # [forward launch, backward launch, how x is read in place (an InPlace, or None)]: the
             # launchers fill them (ops/dyt.py)
             slot = _VALIDATED.add(sig, [None, None, None])
         x, alpha, weight, bias = args

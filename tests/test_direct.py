@@ -232,6 +232,81 @@ def test_the_c_launch_gets_what_tritons_launcher_would_pass():
     assert out.stdout.strip() == "OK"
 
 
+_SPECIALIZATION_SCRIPT = """
+import torch
+from bench import stub_driver
+stub_driver.install()
+import dyt_kernels as dk
+from dyt_kernels.ops import direct
+checked, make, launch = [], direct.runner_of, direct.launch
+
+def runner_of(compiled, grid):
+    run = make(compiled, grid)
+    def tagged(device, args, consts):
+        return run(device, args, consts)
+    tagged.compiled = compiled
+    return tagged
+
+def checking_launch(kernel, grid, consts, options, cache, args, inputs=(), integers=None):
+    runner = cache.get(0 if integers is None else (0, integers))
+    if runner is not None and direct.is_aligned(*inputs):
+        # the compiled kernel Triton's JIT would pick for these very arguments (its cache: no compile)
+        want = kernel.run(*args, *consts, grid=grid, warmup=True, **options)
+        checked.append((kernel.__name__, runner.compiled.hash == want.hash,
+                        tuple(v for v in args if not isinstance(v, torch.Tensor))))
+    return launch(kernel, grid, consts, options, cache, args, inputs, integers)
+
+direct.runner_of, direct.launch = runner_of, checking_launch
+D, B, L = 24, 2, 5
+a, w, b = (torch.randn(n, requires_grad=True) for n in (1, D, D))
+
+def dyt_case(x, channels_last=True):
+    x = x.detach().requires_grad_()
+    y = dk.dyt(x, a, w, b, channels_last=channels_last)
+    torch.autograd.grad(y, (x, a, w, b), torch.randn(y.shape))
+
+with dk.use_backend("triton"):
+    for _ in range(3):   # fill each signature, then hit it: alternating signatures of one configuration
+        dyt_case(torch.randn(B, L, 2 * D)[..., :D])           # rows of stride 48 (divisible by 16)
+        dyt_case(torch.randn(B, L, 3 * D)[..., :D])           # stride 72 (not)
+        dyt_case(torch.randn(L, B, 2 * D)[..., :D].transpose(0, 1))   # three levels
+        dyt_case(torch.randn(L, B, 3 * D)[..., :D].transpose(0, 1))
+        dyt_case(torch.randn(B, L, D))
+        x, res = torch.randn(B, L, D, requires_grad=True), torch.randn(B, L, D, requires_grad=True)
+        for mods in (torch.randn(B, 6 * D).chunk(6, -1)[:3], torch.randn(B, 3 * D).chunk(3, -1),
+                     [torch.randn(B, D) for _ in range(3)], [torch.randn(B, 1, D) for _ in range(3)]):
+            shift, scale, gate = (m.requires_grad_() for m in mods)
+            h, r = dk.dyt_modulate(x, a, shift, scale, w, b, residual=res, gate=gate)
+            torch.autograd.grad((h, r), (x, res, shift, scale, gate), (torch.randn(B, L, D), torch.randn(B, L, D)),
+                                allow_unused=True)
+bad = [c for c in checked if not c[1]]
+names = sorted({c[0] for c in checked})
+assert not bad, f"{len(bad)} of {len(checked)} direct launches ran a kernel specialized for other integers: {bad[:3]}"
+assert len(checked) > 30 and {"_dyt_fwd_kernel", "_dyt_fwd_levels_kernel", "_dyt_bwd_kernel", "_dyt_bwd_levels_kernel",
+                              "_modulate_fwd_kernel", "_modulate_bwd_kernel"} <= set(names), (len(checked), names)
+print("OK", len(checked))
+"""
+
+
+def test_direct_launches_run_the_kernel_specialized_for_their_integers():
+    """Triton specializes a kernel on its integer arguments (divisible by 16, equal to 1: baked in as a
+    constant). A direct launch reuses a compiled kernel, so the one it runs must be the one Triton's
+    JIT would pick for the very arguments. Signatures that share a launch configuration but not their
+    integers (x's row stride, three-level strides, adaLN modulations chunked from projections of
+    different widths) alternate here on the stub driver; every direct launch's kernel is checked
+    against the JIT's choice (before, a signature's fast path could run another's: a misaligned
+    access, or a stride of 1 baked in)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SPECIALIZATION_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("OK"), out.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # On a GPU: the direct path against the JIT launcher, bitwise.
 
@@ -268,6 +343,9 @@ def test_direct_matches_jit_bitwise_on_gpu(dtype, weight, bias):
         assert direct.enabled(), "a direct launch failed and turned itself off (see the warning)"
         used = [c for c in list(dyt_ops._FWD.values()) + list(dyt_ops._BWD.values()) if c.runners]
         assert used, "no launch configuration holds a runner: the direct path was never taken"
+        from dyt_kernels import functional
+        rows = [slot[2] for slot in functional._VALIDATED.values() if slot[2] is not None]
+        assert any(r.forward[4] and r.backward_runners for r in rows), "the signature fast path was not taken"
         for r, g in zip(ref, got):
             assert torch.equal(r, g)
     finally:
@@ -348,8 +426,12 @@ def test_direct_modulate_finish_matches_jit_on_gpu():
         for _ in range(3):
             got = run()
         assert direct.enabled()
+        from dyt_kernels import functional
         from dyt_kernels.ops import modulate as mod_ops
         assert any(c.runners for c in list(mod_ops._FWD.values()) + list(mod_ops._BWD.values()))
+        slots = list(functional._VALIDATED_MOD.values())
+        assert any(s[0] is not None and s[0][2] for s in slots), "the signature's forward fast path was not taken"
+        assert any(call[7] for s in slots for call in s[1].values()), "the signature's backward fast path was not taken"
         for r, g in zip(ref, got):
             assert torch.equal(r, g)
     finally:

@@ -449,8 +449,10 @@ def test_head_views_are_read_in_place(view, device):
     assert D.row_levels(x, d) is not None
     alpha = torch.tensor([0.6], device=device, requires_grad=True)
     w, b = (torch.randn(d, device=device, requires_grad=True) for _ in range(2))
+    from dyt_kernels import functional
     D._FWD.clear()
     D._BWD.clear()
+    functional._VALIDATED.clear()   # a signature cached by another view of these strides keeps its launches
     with use_backend("triton"):
         y = dyt(x, alpha, w, b)
         dy = torch.randn_like(y)

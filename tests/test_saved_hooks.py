@@ -117,3 +117,52 @@ def test_gradients_with_hooks_on_single_saved_tensors(op, pack, device):
                 saved.register_hooks(pack, lambda t: t)
         grads = torch.autograd.grad(out, [p[n] for n in names], dout)
     _check(op, p, names, dout, out, grads)
+
+
+def _cf_nchw(device):
+    return torch.randn(2, 8, 3, 4, device=device)
+
+
+def _cf_nhwc(device):
+    return torch.randn(2, 8, 3, 4, device=device).contiguous(memory_format=torch.channels_last)
+
+
+def _head_view(device):
+    qkv = torch.randn(2, 5, 3 * 2 * 8, device=device)
+    return qkv.view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)[1]     # (B, H, L, d), three strided levels
+
+
+def _swap_layout(t):
+    """x in the other layout: NCHW <-> NHWC for 4-D channels-first data, dense for a head view."""
+    if t.dim() == 4 and t.shape[1] == 8:
+        fmt = torch.contiguous_format if not t.is_contiguous() else torch.channels_last
+        return t.contiguous(memory_format=fmt)
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("make,channels_last", [(_cf_nchw, False), (_cf_nhwc, False), (_head_view, True)],
+                         ids=["NCHW channels-first", "NHWC channels-first", "head view"])
+def test_a_hook_relaying_x_after_the_forward(make, channels_last, device):
+    """A signature whose x the forward read in place records how (rows of one channel, channels along
+    rows, three strided levels) and its backward launch; a hook on the saved x that unpacks it in
+    another layout must take its own walk and launch, not the recorded ones (before, the channels-first
+    backward kept the slot's launch for another layout). Gradients against float64."""
+    C = 8
+    x0 = make(device)
+    a, w, b = (torch.rand(C, device=device) + 0.5), torch.randn(C, device=device), torch.randn(C, device=device)
+    dy = torch.randn(x0.shape, device=device)
+    for hooked in (False, False, True):   # fill the slot, hit it, then hook x
+        x = x0.detach().requires_grad_()
+        leaves = [x] + [t.clone().requires_grad_() for t in (a, w, b)]
+        with use_backend("triton"):
+            y = dyt(*leaves, channels_last=channels_last)
+            if hooked:
+                saved = y.grad_fn._raw_saved_tensors[0]   # x
+                saved.register_hooks(_swap_layout, lambda t: t)
+            grads = torch.autograd.grad(y, leaves, dy)
+        q = [t.detach().double().requires_grad_() for t in leaves]
+        want = dyt_formula(*q, channels_last=channels_last)
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+        for n, g, g64 in zip(("x", "alpha", "weight", "bias"), grads, torch.autograd.grad(want, q, dy.double())):
+            # fp32 sums of <= 24 O(1) terms per channel against float64
+            torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4, msg=f"{n}, hooked={hooked}")

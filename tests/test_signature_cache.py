@@ -29,6 +29,14 @@ def _x_layouts(shape):
     yield "stepped", torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
     yield "expanded", torch.randn(1, *shape[1:]).expand(shape)
     yield "offset", torch.randn(dense.numel() + 1)[1:].view(shape)
+    # rows of a wider buffer (one level, row stride 2D), then batch-inner columns of one (three
+    # levels, as attention's head views), at two offsets of the same strides
+    wide = torch.randn(*shape[:-1], 2 * shape[-1])
+    yield "column slice", wide[..., :shape[-1]]
+    yield "column slice, other half", wide[..., shape[-1]:]
+    inner = torch.randn(shape[1], shape[0], 2 * shape[-1])
+    yield "three levels", inner[..., :shape[-1]].transpose(0, 1)
+    yield "three levels, other half", inner[..., shape[-1]:].transpose(0, 1)
     yield "dense again", torch.randn(shape)
 
 
@@ -49,20 +57,28 @@ def _grads(out, leaves, dout):
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_dyt_layouts_through_one_signature(grad):
     a, w, b = torch.rand(1) + 0.5, torch.randn(D), torch.randn(D)
+    dy_layouts = itertools.cycle(["dense", "relaid", "like x"])
     for (name, x), _ in itertools.product(_x_layouts((B, L, D)), range(2)):   # twice: fill, then hit
         x = x.detach().requires_grad_()   # the layout itself (a leaf view of the same storage)
+        leaves = (x, *(p.clone().requires_grad_() for p in (a, w, b)))
         with use_backend("triton"), torch.set_grad_enabled(grad):
-            y = dyt(x, a, w, b)
-        x64 = x.detach().double().requires_grad_()
-        want = dyt_formula(x64, a.double(), w.double(), b.double())
+            y = dyt(*leaves)
+        ins64 = [t.detach().double().requires_grad_() for t in leaves]
+        want = dyt_formula(*ins64)
         torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5, msg=name)
         if grad:
-            dy = torch.randn(B, L, D).transpose(0, 1).contiguous().transpose(0, 1) if name == "relaid" \
-                else torch.randn(B, L, D)
+            # dy dense, relaid, or laid out as x where x is dense (autograd hands whatever comes)
+            how = next(dy_layouts)
+            dy = torch.randn(B, L, D)
+            if how == "relaid":
+                dy = dy.transpose(0, 1).contiguous().transpose(0, 1)
+            elif how == "like x":
+                dy = torch.empty_like(x).copy_(dy)
             with use_backend("triton"):
-                (dx,) = _grads(y, x, dy)
-            (dx64,) = _grads(want, x64, dy.double())
-            torch.testing.assert_close(dx.double(), dx64, atol=1e-5, rtol=1e-5, msg=name)
+                got = _grads(y, leaves, dy)
+            for n, g, g64 in zip(("x", "alpha", "weight", "bias"), got, _grads(want, ins64, dy.double())):
+                # parameter gradients sum B * L = 15 rows (alpha: all 360 elements) of O(1) terms in fp32
+                torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-5, msg=f"{name}, dy {how}: d{n}")
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])

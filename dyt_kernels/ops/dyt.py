@@ -21,7 +21,7 @@ n*C + c, the columns are the H*W positions); PER_ROW picks which.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -516,18 +516,16 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
             launch=None, slot: list | None = None) -> Tensor:
     """y = dyt(x) with one launch; `launch` wraps the kernel (wrap_triton inside custom ops). `slot`,
     from functional.py, remembers this argument signature's launch configurations between calls."""
-    if slot is not None and slot[0] is not None and slot[2] and launch is None:
-        # A validated signature whose x the kernels read in place, dense (contiguous channels-last, or
-        # channels-first stored NCHW or NHWC; in_place_rows): its rows are x itself and y's rows are
-        # empty_like(x)'s, the launch known and its integers fixed, so a direct launch (direct.py)
-        # while the inputs stay aligned.
-        y = torch.empty_like(x)
-        cfg = slot[0]
-        M, N, C, _ = slot[2]
+    rows = None if slot is None else slot[2]
+    if rows is not None and launch is None:
+        # A validated signature (x's strides in it) whose x an earlier call read in place (InPlace):
+        # the kernels walk x's own memory with that call's integers, and y is allocated as that call
+        # allocated it, so a direct launch (direct.py) while the inputs stay aligned.
+        kernel, grid, consts, options, runners, ints, keep = rows.forward
+        y = torch.empty_like(x) if keep else torch.empty_like(x, memory_format=torch.contiguous_format)
         w = x if weight is None else weight
         b = x if bias is None else bias
-        direct.launch(_dyt_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
-                      (x, y, alpha, w, b, M, N, C, N, N), (x, alpha, w, b))
+        direct.launch(kernel, grid, consts, options, runners, (x, y, alpha, w, b, *ints), (x, alpha, w, b))
         return y
     layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
     y = output_like(x, channels_last, layout)
@@ -549,45 +547,67 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
         y2 = as_rows(y, layout, C)
     M, N = y2.shape
     # A strided x whose offsets reach 2^31 elements needs 64-bit indexing, which M * N alone does not
-    # show; such a call, like one reading x in three levels, never takes or fills the signature's slot
-    # (its strides are not in it).
+    # show; such a call never takes or fills the signature's slot (kept for the common case).
     wide = P.needs_index64(span)
     three = bool(levels)
-    cfg = P.cached_launch(None if wide or three else slot, 0, _FWD,
+    cfg = P.cached_launch(None if wide else slot, 0, _FWD,
                           lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
                           _forward_launch)
     P.run(cfg.plan.spec.kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
           x2 if bias is None else bias, M, N, C, sx, y2.stride(0), *levels)
-    if slot is not None and launch is None and not (wide or three) and in_place_rows(x, x2, sx, y, N):
-        slot[2] = (M, N, C, None if channels_last else x.stride())
+    if slot is not None and launch is None and not wide:
+        slot[2] = in_place(x, x2, sx, levels, y, y2, M, N, C, cfg)
     return y
 
 
-def in_place_rows(x: Tensor, x2: Tensor, sx: int, y: Tensor, N: int) -> bool:
-    """Whether x's kernel rows (x2, row stride sx) are x's own memory, dense, and y has x's strides:
-    then every x of the same shape and strides is its own rows, and empty_like(x) (which keeps a
-    dense tensor's strides) gives y's, so a signature that fixes x's strides (or its contiguity,
-    channels-last) can launch on the tensors themselves with the integers of this call."""
-    return x2.data_ptr() == x.data_ptr() and sx == N and y.stride() == x.stride()
+@dataclass(frozen=True)
+class InPlace:
+    """How a call read x and wrote y in place, for later calls of its signature (functional.py puts
+    x's shape and strides in it, so they walk the same way): x's rows at row stride sx (and three
+    levels, or none), y dense rows allocated like empty_like(x) (keep: x is dense and y has its
+    strides) or contiguous; the strides a backward's x and dy must have to take the same walk."""
+    # The forward's direct launch: (kernel, grid, constexprs, options, runners, the integers after its
+    # five pointers: M, N, C, stride_xm, stride_ym, *levels, keep). The runners (direct.py) are this
+    # signature's own: its integers (x's row stride, levels) are not fixed by the launch configuration,
+    # which other strides share, and Triton specializes on them (divisibility by 16, the value 1).
+    forward: tuple
+    backward_ints: tuple   # after the backward's six pointers: M, N, C, stride_dym, stride_xm, stride_dxm
+    levels: tuple
+    x_strides: tuple
+    y_strides: tuple
+    keep: bool
+    backward_runners: dict = field(default_factory=dict, compare=False)
+
+
+def in_place(x: Tensor, x2: Tensor, sx: int, levels: tuple, y: Tensor, y2: Tensor, M: int, N: int,
+             C: int, cfg: P.Launch) -> InPlace | None:
+    """The call's InPlace where x2, the rows the kernel read, is x's own memory (a view, not a copy)
+    and y2 is y's as dense rows, with y allocated as empty_like(x) would (x dense, same strides) or
+    contiguous; else None. A copy has its own allocation, so the data pointers tell views apart."""
+    if x2.data_ptr() != x.data_ptr() or y2.data_ptr() != y.data_ptr() or y2.stride(0) != N:
+        return None
+    keep = y.stride() == x.stride()
+    if not keep and not y.is_contiguous():
+        return None
+    forward = (cfg.plan.spec.kernel, cfg.grid, cfg.consts, cfg.options, {}, (M, N, C, sx, N, *levels), keep)
+    return InPlace(forward, (M, N, C, N, sx, N), levels, x.stride(), y.stride(), keep)
 
 
 def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
              channels_last: bool, launch=None, slot: list | None = None):
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
-    rows = None if slot is None or slot[1] is None else slot[2]
-    if (rows and alpha.is_contiguous() and (weight is None or weight.is_contiguous())
-            and (dy.is_contiguous() and x.is_contiguous() if rows[3] is None else dy.stride() == rows[3] == x.stride())):
-        # A validated signature whose x the forward read in place (contiguous channels-last, or
-        # channels-first with x's strides; forward's slot[2]) and dy laid out as x: rows are the tensors
-        # themselves. (x, alpha and weight are checked again: a saved-tensor hook registered on one of
-        # them after the forward, grad_fn._raw_saved_tensors[i].register_hooks, may unpack another layout.)
-        cfg, fixed = slot[1], launch is None
+    rows = None if slot is None else slot[2]
+    if (rows is not None and slot[1] is not None and x.stride() == rows.x_strides and dy.stride() == rows.y_strides
+            and alpha.is_contiguous() and (weight is None or weight.is_contiguous())):
+        # A validated signature whose x the forward read in place (forward's InPlace), x and dy laid
+        # out as the forward's x and y: the kernels walk the tensors themselves. (x, alpha and weight
+        # are checked again: a saved-tensor hook registered on one of them after the forward,
+        # grad_fn._raw_saved_tensors[i].register_hooks, may unpack another layout.)
+        cfg, fixed, runners = slot[1], launch is None, rows.backward_runners
         p = cfg.plan
-        x2, dy2, dx = x, dy, torch.empty_like(x)
-        dx2 = dx
-        M, N, C, _ = rows
-        strides = (N, N, N)   # the tensors may have more dims than (M, N): their row stride is N
-        levels = ONE_LEVEL
+        dx = torch.empty_like(x) if rows.keep else torch.empty_like(x, memory_format=torch.contiguous_format)
+        x2, dy2, dx2 = x, dy, dx
+        ints, levels = rows.backward_ints, rows.levels   # dy and dx are dense rows, whatever dims they have
     else:
         C = x.shape[-1] if channels_last else x.shape[1]
         layout = _CHANNELS_LAST if channels_last else layout_of(x, False)
@@ -605,10 +625,13 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
             x2, sx, levels, span = x_rows(x.movedim(1, -1) if layout.moved and x.dim() > 2 else x, C)
         dy2, dx2 = as_rows(dy, layout, C), as_rows(dx, layout, C)
         M, N = dx2.shape
-        strides = (dy2.stride(0), sx, dx2.stride(0))
+        ints = (M, N, C, dy2.stride(0), sx, dx2.stride(0))
         wide = P.needs_index64(P.row_span(dy2), span)   # dx2 is dense: M * N
         three = bool(levels)
-        cfg = P.cached_launch(None if wide or three else slot, 1, _BWD,
+        # The slot's backward launch is for x as the forward saw it; a saved-tensor hook may hand
+        # back x in another layout (another walk: levels, rows of one channel), which plans its own.
+        same_x = rows is not None and x.stride() == rows.x_strides
+        cfg = P.cached_launch(slot if same_x and not wide else None, 1, _BWD,
                               lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
                               _backward_launch)
         p, fixed = cfg.plan, False
@@ -617,9 +640,9 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     dw = None if weight is None else torch.empty_like(weight)
     db = None if bias is None else torch.empty_like(bias)
     w = x2 if weight is None else weight
-    args = (dy2, x2, dx2, alpha, w, part, M, N, C, *strides, p.steps, p.part_stride, *levels)
-    if fixed:   # the integers are the plan's: a direct launch while the inputs stay aligned
-        direct.launch(_dyt_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, (dy2, x2, alpha, w))
+    args = (dy2, x2, dx2, alpha, w, part, *ints, p.steps, p.part_stride, *levels)
+    if fixed:   # the integers are the signature's: a direct launch while the inputs stay aligned
+        direct.launch(p.spec.kernel, cfg.grid, cfg.consts, cfg.options, runners, args, (dy2, x2, alpha, w))
     else:
         P.run(p.spec.kernel, cfg, launch, *args)
     launch_finish(cfg.finish, part, [g for g in (dw, db, da) if g is not None], launch)

@@ -595,14 +595,14 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
     if slot is not None and slot[0] is not None and launch is None:
         # A validated signature read in place: the tensors are their own rows, and the launch
         # configuration and every integer argument are the signature's, so a direct launch.
-        cfg, ints = slot[0]
+        cfg, ints, runners = slot[0]
         h = torch.empty_like(x)
         r = None if residual is None else torch.empty_like(residual)
         res = x if residual is None else residual
         g = x if gate is None else gate
         w = x if weight is None else weight
         b = x if bias is None else bias
-        direct.launch(_modulate_fwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners,
+        direct.launch(_modulate_fwd_kernel, cfg.grid, cfg.consts, cfg.options, runners,
                       (x, res, g, shift, scale, alpha, w, b, h, h if r is None else r, *ints),
                       (x, res, g, shift, scale, alpha, w, b))
         return h, r
@@ -626,7 +626,10 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
           x2, res2, x2 if gate_t is None else gate_t, shift_t, scale_t, alpha,
           x2 if weight is None else weight, x2 if bias is None else bias, h2, r2, *ints)
     if slot is not None and slot[2] and launch is None and not wide:
-        slot[0] = (cfg, ints)   # read in place: the views above were the tensors themselves
+        # read in place: the views above were the tensors themselves. The slot keeps its own runners
+        # (direct.py): its integers are its own (the modulations' strides), not the configuration's,
+        # and Triton specializes on them (divisibility by 16, the value 1).
+        slot[0] = (cfg, ints, {})
     return h, r
 
 
@@ -654,7 +657,7 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
             # (grad_fn._raw_saved_tensors[i].register_hooks) unpacked another layout than the call's
             call = None
     if call is not None:
-        cfg, shift_tok, scale_tok, gate_tok, write_dx, ints, _ = call
+        cfg, shift_tok, scale_tok, gate_tok, write_dx, ints, _, runners = call
     else:
         shift_tok, scale_tok = per_token(shift, L), per_token(scale, L)
         gate_tok = gate is not None and per_token(gate, L)
@@ -697,7 +700,7 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
         contiguous = dh.is_contiguous() and (dr is None or dr.is_contiguous())
         if slot is not None and slot[2] and launch is None and contiguous and not wide:
             slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints,
-                                       _layout(x, r, alpha, scale, weight, bias, gate))
+                                       _layout(x, r, alpha, scale, weight, bias, gate), {})   # own runners
     part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
     args = (dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
             x2 if weight is None else weight, x2 if bias is None else bias,
@@ -705,7 +708,7 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
             part if dshift is None else dshift, part if scale_tok else dscale,
             part if dgate is None or gate_tok else dgate, part, *ints)
     if call is not None:
-        direct.launch(_modulate_bwd_kernel, cfg.grid, cfg.consts, cfg.options, cfg.runners, args, args[:9])
+        direct.launch(_modulate_bwd_kernel, cfg.grid, cfg.consts, cfg.options, runners, args, args[:9])
     else:
         P.run(_modulate_bwd_kernel, cfg, launch, *args)
     dsts = [g for g in (dw, db, da) if g is not None]
