@@ -33,9 +33,10 @@ import torch
 
 from . import report
 
-OPS = ("dyt", "dyt channels-first", "dyt_modulate", "DyT module")
+OPS = ("dyt", "dyt channels-first", "dyt head view", "dyt_modulate", "DyT module")
 # Each op's baseline: its "vs eager" column divides by this provider's time in the same mode.
 EAGER = {"dyt": "eager DyT (3 ops)", "dyt channels-first": "eager DyT, w[:, None, None]",
+         "dyt head view": "eager DyT (3 ops)",
          "dyt_modulate": "eager DyT + modulate", "DyT module": "eager DyT module"}
 
 
@@ -76,6 +77,10 @@ def _cases(device: torch.device) -> dict:
 
     def eager_cf():
         return w[:, None, None] * torch.tanh(a * xc) + b[:, None, None]
+    # QK-norm on attention's head view of a fused qkv projection: (B, H, L, d) = (2, 2, 4, 8), strided
+    qkv = leaf(2, 4, 3 * 2 * 8)
+    q = qkv.view(2, 4, 3, 2, 8).permute(2, 0, 3, 1, 4)[0]
+    dq = torch.randn(2, 2, 4, 8, device=device)
     return {
         ("dyt", "fwd", "ours"): lambda: dk.dyt(x, a, w, b),
         ("dyt", "fwd", "eager DyT (3 ops)"): lambda: w * torch.tanh(a * x) + b,
@@ -96,6 +101,13 @@ def _cases(device: torch.device) -> dict:
             dk.dyt(xc, a, w, b, channels_last=False), (xc, a, w, b), dyc),
         ("dyt channels-first", "fwd+bwd", "eager DyT, w[:, None, None]"): lambda: torch.autograd.grad(
             eager_cf(), (xc, a, w, b), dyc),
+        ("dyt head view", "fwd", "ours"): lambda: dk.dyt(q, a, w, b),
+        ("dyt head view", "fwd", "eager DyT (3 ops)"): lambda: w * torch.tanh(a * q) + b,
+        ("dyt head view", "no_grad", "ours"): lambda: _no_grad(dk.dyt, q, a, w, b),
+        ("dyt head view", "no_grad", "eager DyT (3 ops)"): lambda: _no_grad(lambda: w * torch.tanh(a * q) + b),
+        ("dyt head view", "fwd+bwd", "ours"): lambda: torch.autograd.grad(dk.dyt(q, a, w, b), (qkv, a, w, b), dq),
+        ("dyt head view", "fwd+bwd", "eager DyT (3 ops)"): lambda: torch.autograd.grad(w * torch.tanh(a * q) + b,
+                                                                                      (qkv, a, w, b), dq),
         ("dyt_modulate", "fwd", "ours"): ours_mod,
         ("dyt_modulate", "fwd", "eager DyT + modulate"): eager_mod,
         ("dyt_modulate", "no_grad", "ours"): lambda: _no_grad(ours_mod),
