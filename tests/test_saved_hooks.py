@@ -166,3 +166,43 @@ def test_a_hook_relaying_x_after_the_forward(make, channels_last, device):
         for n, g, g64 in zip(("x", "alpha", "weight", "bias"), grads, torch.autograd.grad(want, q, dy.double())):
             # fp32 sums of <= 24 O(1) terms per channel against float64
             torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4, msg=f"{n}, hooked={hooked}")
+
+
+def _to_double(t):
+    """A hook that unpacks another dtype than it was given (float64: the same values, exactly)."""
+    return t.double()
+
+
+@pytest.mark.parametrize("op", [_dyt, _modulate], ids=["dyt", "dyt_modulate"])
+def test_a_hook_unpacking_another_dtype(op, device):
+    """A hook on each saved tensor that unpacks it as float64 after an fp32 forward (the same values):
+    the kernels must read each tensor in the dtype it comes in, or cast it back (before, a cached
+    backward read float64 memory through the forward's fp32 pointers, silently). Gradients against
+    float64, as without the hook."""
+    p, names, dout = _filled(op, device)
+    with use_backend("triton"):
+        out = op(p)
+        node = out.grad_fn if op is _dyt else out.grad_fn.next_functions[0][0]
+        for saved in node._raw_saved_tensors:
+            if saved is not None:
+                saved.register_hooks(lambda t: t, _to_double)
+        grads = torch.autograd.grad(out, [p[n] for n in names], dout)
+    _check(op, p, names, dout, out, grads)
+
+
+def test_dyt_with_a_hook_unpacking_bf16(device):
+    """x unpacked as bf16 after an fp32 forward: the backward computes at the values the hook hands
+    back (the oracle takes the bf16-rounded x), in the forward's dtype."""
+    p, names, dout = _filled(_dyt, device)
+    with use_backend("triton"):
+        out = _dyt(p)
+        out.grad_fn._raw_saved_tensors[0].register_hooks(lambda t: t, lambda t: t.to(torch.bfloat16))
+        grads = torch.autograd.grad(out, [p[n] for n in names], dout)
+    q = {k: v.detach().double().requires_grad_() for k, v in p.items()}
+    xr = p["x"].detach().to(torch.bfloat16).double().requires_grad_()
+    want = dyt_formula(xr, q["alpha"], q["weight"], q["bias"])
+    want_grads = torch.autograd.grad(want, [xr, q["alpha"], q["weight"], q["bias"]], dout.double())
+    for n, g, g64 in zip(names, grads, want_grads):
+        assert g.dtype == torch.float32, n
+        # fp32 sums of <= 15 rows of O(1) terms (alpha: of all 480 elements) against float64
+        torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4, msg=n)

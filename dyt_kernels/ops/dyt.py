@@ -556,7 +556,7 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
     P.run(cfg.plan.spec.kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
           x2 if bias is None else bias, M, N, C, sx, y2.stride(0), *levels)
     if slot is not None and launch is None and not wide:
-        slot[2] = in_place(x, x2, sx, levels, y, y2, M, N, C, cfg)
+        slot[2] = in_place(x, x2, sx, levels, y, y2, M, N, C, cfg, _saved(x, alpha, weight))
     return y
 
 
@@ -573,14 +573,19 @@ class InPlace:
     forward: tuple
     backward_ints: tuple   # after the backward's six pointers: M, N, C, stride_dym, stride_xm, stride_dxm
     levels: tuple
-    x_strides: tuple
+    saved: tuple   # x's strides, its dtype, alpha's and weight's: the saved tensors the walk is for
     y_strides: tuple
     keep: bool
     backward_runners: dict = field(default_factory=dict, compare=False)
 
 
+def _saved(x: Tensor, alpha: Tensor, weight: Tensor | None) -> tuple:
+    """What a backward's launch assumes of the saved tensors: x's strides and the dtypes it reads."""
+    return x.stride(), x.dtype, alpha.dtype, None if weight is None else weight.dtype
+
+
 def in_place(x: Tensor, x2: Tensor, sx: int, levels: tuple, y: Tensor, y2: Tensor, M: int, N: int,
-             C: int, cfg: P.Launch) -> InPlace | None:
+             C: int, cfg: P.Launch, saved: tuple) -> InPlace | None:
     """The call's InPlace where x2, the rows the kernel read, is x's own memory (a view, not a copy)
     and y2 is y's as dense rows, with y allocated as empty_like(x) would (x dense, same strides) or
     contiguous; else None. A copy has its own allocation, so the data pointers tell views apart."""
@@ -590,14 +595,17 @@ def in_place(x: Tensor, x2: Tensor, sx: int, levels: tuple, y: Tensor, y2: Tenso
     if not keep and not y.is_contiguous():
         return None
     forward = (cfg.plan.spec.kernel, cfg.grid, cfg.consts, cfg.options, {}, (M, N, C, sx, N, *levels), keep)
-    return InPlace(forward, (M, N, C, N, sx, N), levels, x.stride(), y.stride(), keep)
+    return InPlace(forward, (M, N, C, N, sx, N), levels, saved, y.stride(), keep)
 
 
 def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
              channels_last: bool, launch=None, slot: list | None = None):
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
+    if x.dtype != dy.dtype:   # a saved-tensor hook unpacked x in another dtype than the forward's (y's, dy's)
+        x = x.to(dy.dtype)
     rows = None if slot is None else slot[2]
-    if (rows is not None and slot[1] is not None and x.stride() == rows.x_strides and dy.stride() == rows.y_strides
+    saved = None if rows is None else _saved(x, alpha, weight)
+    if (rows is not None and slot[1] is not None and saved == rows.saved and dy.stride() == rows.y_strides
             and alpha.is_contiguous() and (weight is None or weight.is_contiguous())):
         # A validated signature whose x the forward read in place (forward's InPlace), x and dy laid
         # out as the forward's x and y: the kernels walk the tensors themselves. (x, alpha and weight
@@ -630,7 +638,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
         three = bool(levels)
         # The slot's backward launch is for x as the forward saw it; a saved-tensor hook may hand
         # back x in another layout (another walk: levels, rows of one channel), which plans its own.
-        same_x = rows is not None and x.stride() == rows.x_strides
+        same_x = rows is not None and saved == rows.saved
         cfg = P.cached_launch(slot if same_x and not wide else None, 1, _BWD,
                               lambda: _key(M, N, C, x, alpha, weight, bias, layout.per_row, wide, 3 if three else 1),
                               _backward_launch)

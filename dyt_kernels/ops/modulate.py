@@ -634,11 +634,13 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
 
 
 def _layout(x, r, alpha, scale, weight, bias, gate) -> tuple:
-    """What a cached backward call assumes of the saved tensors' memory layout, to check it against
-    what autograd unpacks: x's, r's, scale's and gate's strides are in its integer arguments, and the
-    vectors are read at unit stride."""
+    """What a cached backward call assumes of the saved tensors, to check it against what autograd
+    unpacks: x's, r's, scale's and gate's strides are in its integer arguments, the vectors are read
+    at unit stride, and the kernel reads each in its dtype (a saved-tensor hook may unpack another)."""
     return (x.stride(), r.stride(), alpha.is_contiguous(), weight is None or weight.is_contiguous(),
-            bias is None or bias.is_contiguous(), scale.stride(), None if gate is None else gate.stride())
+            bias is None or bias.is_contiguous(), scale.stride(), None if gate is None else gate.stride(),
+            x.dtype, r.dtype, alpha.dtype, scale.dtype, None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype, None if gate is None else gate.dtype)
 
 
 def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor,
@@ -649,6 +651,13 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     gradient is dh itself). r is the norm's input (x itself without a residual). `slot`: forward's."""
     B, L, D = x.shape
     dev = x.device
+    # A saved-tensor hook may unpack x or r in another dtype than the forward's: x's is h's (dh's), r's
+    # is dr's where it comes. (Other dtypes the launch plans read as they come.)
+    if x.dtype != dh.dtype:
+        xc = x.to(dh.dtype)
+        x, r = xc, (xc if r is x else r)
+    if dr is not None and r.dtype != dr.dtype:
+        r = r.to(dr.dtype)
     call = None
     if slot is not None and launch is None and dh.is_contiguous() and (dr is None or dr.is_contiguous()):
         call = slot[1].get(dr is not None)
