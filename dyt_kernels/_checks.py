@@ -25,9 +25,20 @@ def shape_str(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+# Dense tensors, and nested jagged ones (functional.py sends those to the plain ops, which torch's
+# nested tensors implement); sparse and mkldnn layouts are refused by name.
+INPUT_LAYOUTS = (torch.strided, torch.jagged)
+
+
+def _check_layout(name: str, t: Tensor, layouts: tuple = (torch.strided,)) -> None:
+    if t.layout not in layouts:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; convert it with .to_dense()")
+
+
 def check_input(name: str, x: object, min_dim: int = 1) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_layout(name, x, INPUT_LAYOUTS)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() < min_dim:
@@ -55,6 +66,7 @@ def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor
         return None
     if not isinstance(p, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    _check_layout(name, p)
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
     if p.numel() != channels or (p.dim() != 1 and name != "alpha"):
@@ -75,6 +87,7 @@ def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
     B, L, D = x.shape
     if not isinstance(m, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    _check_layout(name, m)
     if tuple(m.shape) not in ((B, D), (B, 1, D), (B, L, D)):
         raise ValueError(f"{name} must be (B, D), (B, 1, D) or (B, L, D) with B={B}, L={L}, D={D}, "
                          f"got {shape_str(m)}")
