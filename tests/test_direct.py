@@ -352,6 +352,60 @@ def test_direct_matches_jit_bitwise_on_gpu(dtype, weight, bias):
         direct.set_enabled(previous)
 
 
+def _layout_case(layout):
+    """x in a layout the signature fast path reads in place: head views of a fused qkv (three strided
+    levels), NCHW and NHWC channels-first, a column slice; a second x of the same strides at another
+    offset alternates with the first."""
+    import dyt_kernels as dk
+    B, L, H, d = 2, 33, 4, 64
+    if layout == "head view":
+        qkv = torch.randn(B, L, 3 * H * d, device="cuda", requires_grad=True)
+        xs = [qkv.view(B, L, 3, H, d).permute(2, 0, 3, 1, 4)[i] for i in (0, 1)]
+        C, cl, bases = d, True, [qkv, qkv]
+    elif layout in ("NCHW", "NHWC"):
+        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+        xs = [torch.randn(3, 96, 7, 9, device="cuda").contiguous(memory_format=fmt).requires_grad_() for _ in range(2)]
+        C, cl, bases = 96, False, xs
+    else:   # column slice: rows of stride 2C
+        wide = torch.randn(B, L, 2 * 384, device="cuda", requires_grad=True)
+        xs = [wide[..., :384], wide[..., 384:]]
+        C, cl, bases = 384, True, [wide, wide]
+    a = torch.rand(C, device="cuda", requires_grad=True)
+    w, b = (torch.randn(C, device="cuda", requires_grad=True) for _ in range(2))
+    dys = [torch.randn(x.shape, device="cuda") for x in xs]
+
+    def run():
+        out = []
+        for x, base, dy in zip(xs, bases, dys):
+            y = dk.dyt(x, a, w, b, channels_last=cl)
+            out += [y, *torch.autograd.grad(y, [base, a, w, b], dy)]
+        return out
+    return run
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["head view", "NCHW", "NHWC", "column slice"])
+def test_direct_matches_jit_bitwise_for_in_place_layouts_on_gpu(layout):
+    """The signature fast path over strided and channels-first x (ops/dyt.py InPlace): direct launches
+    on the tensors themselves give bitwise the JIT launcher's results, and the signature's own
+    runners were used."""
+    from dyt_kernels import functional
+    run = _layout_case(layout)
+    previous = direct.set_enabled(False)
+    try:
+        ref = run()
+        direct.set_enabled(True)
+        for _ in range(3):
+            got = run()
+        assert direct.enabled(), "a direct launch failed and turned itself off (see the warning)"
+        rows = [slot[2] for slot in functional._VALIDATED.values() if slot[2] is not None]
+        assert any(r.forward[4] and r.backward_runners for r in rows), "the signature fast path was not taken"
+        for r, g in zip(ref, got):
+            assert torch.equal(r, g)
+    finally:
+        direct.set_enabled(previous)
+
+
 @cuda
 def test_misaligned_input_after_a_cached_runner_takes_the_jit_launcher_on_gpu():
     """A runner compiled for 16-byte-aligned pointers must never see a misaligned one: the same
