@@ -65,14 +65,16 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
                None if bias is None else bias.shape, None if bias is None else bias.dtype,
                None if bias is None else bias.device, bias is None or bias.is_contiguous(),
                type(alpha), type(weight), type(bias))
-    except AttributeError:  # a Python-number alpha, or a wrong type the checks will name
-        sig = None
+    except (AttributeError, RuntimeError):   # a Python-number alpha, a wrong type or a sparse layout
+        sig = None                             # without strides: the checks name them
     slot = _VALIDATED.get(sig)
     if slot is None:
         args = _check_dyt_args(x, alpha, weight, bias, channels_last)
         if _subclass_among(args[1:]):
             return reference.dyt(*args, channels_last)
-        if sig is not None and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
+        # An x with a zero stride (expanded) is never cached: sparse and mkldnn tensors report such
+        # strides too, and one of the same shape must not match its signature and skip the checks.
+        if sig is not None and 0 not in sig[3] and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
             # [forward launch, backward launch, how x is read in place (an InPlace, or None)]: the
             # launchers fill them (ops/dyt.py)
             slot = _VALIDATED.add(sig, [None, None, None])
@@ -214,8 +216,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
                None if gate is None else gate.shape, None if gate is None else gate.dtype,
                None if gate is None else gate.device, None if gate is None else gate.stride(),
                type(alpha), type(shift), type(scale), type(weight), type(bias), type(residual), type(gate))
-    except AttributeError:   # a Python-number alpha, or a wrong type the checks will name
-        sig = None
+    except (AttributeError, RuntimeError):   # a Python-number alpha, a wrong type or a sparse layout
+        sig = None                             # without strides: the checks name them
     slot = _VALIDATED_MOD.get(sig)
     if slot is None:
         checked = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)

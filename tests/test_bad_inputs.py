@@ -278,6 +278,10 @@ ERRORS = {
                      r"x must be a dense tensor, got layout torch.sparse_coo; convert it with .to_dense\(\)"),
     "dyt/x-sparse-channels-first": (lambda d: dyt(_x(d, 2, 8, 3).to_sparse(), 0.5, channels_last=False), TypeError,
                                     r"x must be a dense tensor, got layout torch.sparse_coo"),
+    "dyt/x-csr": (lambda d: dyt(_x(d).to_sparse_csr(), 0.5), TypeError,
+                  r"x must be a dense tensor, got layout torch.sparse_csr"),
+    "dyt_modulate/shift-csr": (lambda d: _mod(d, shift=_z(d, 2, 8).to_sparse_csr()), TypeError,
+                               r"shift must be a dense tensor, got layout torch.sparse_csr"),
     "dyt/weight-sparse": (lambda d: dyt(_x(d, 2, 8), 0.5, _z(d, 8).to_sparse()), TypeError,
                           r"weight must be a dense tensor, got layout torch.sparse_coo"),
     "dyt/alpha-sparse": (lambda d: dyt(_x(d, 2, 8), _z(d, 1).to_sparse()), TypeError,
@@ -435,6 +439,21 @@ def test_bad_input_errors(case, backend, device):
     call, exc, match = ERRORS[case]
     with use_backend(backend), pytest.raises(exc, match=match):
         call(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_x_after_an_expanded_x_of_its_strides(backend, device):
+    """A sparse x reports zero strides, as a dense x expanded from a scalar has: after such an x, a
+    sparse one of the same shape is still refused by name (expanded x never caches its signature)."""
+    a, w, b = torch.tensor([0.5], device=device), torch.ones(8, device=device), torch.zeros(8, device=device)
+    expanded = torch.tensor(1.5, device=device).expand(4, 8)
+    sparse = torch.randn(4, 8, device=device).to_sparse()
+    assert sparse.stride() == expanded.stride() == (0, 0)
+    with use_backend(backend):
+        for _ in range(2):
+            torch.testing.assert_close(dyt(expanded, a, w, b), torch.full((4, 8), math.tanh(0.75), device=device))
+        with pytest.raises(TypeError, match="x must be a dense tensor, got layout torch.sparse_coo"):
+            dyt(sparse, a, w, b)
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "384", np.int64(8)], ids=str)
