@@ -333,17 +333,24 @@ def _dyt_case(dtype, weight, bias):
 @pytest.mark.parametrize("weight,bias", [(True, True), (False, False), (True, False)])
 def test_direct_matches_jit_bitwise_on_gpu(dtype, weight, bias):
     from dyt_kernels.ops import dyt as dyt_ops
-    run = _dyt_case(dtype, weight, bias)
+    _direct_matches_jit(_dyt_case(dtype, weight, bias))
+    used = [c for c in list(dyt_ops._FWD.values()) + list(dyt_ops._BWD.values()) if c.runners]
+    assert used, "no launch configuration holds a runner: the direct path was never taken"
+
+
+def _direct_matches_jit(run):
+    """run() through Triton's JIT launcher, then three times with direct launches (the first call
+    caches the runners, the later ones use them): bitwise the same results, direct launches still on,
+    and the signature fast path of these very calls (the cache starts empty) used its own runners."""
+    from dyt_kernels import functional
+    functional._VALIDATED.clear()
     previous = direct.set_enabled(False)
     try:
         ref = run()
         direct.set_enabled(True)
-        for _ in range(3):   # the first call caches the runners, the later ones use them
+        for _ in range(3):
             got = run()
         assert direct.enabled(), "a direct launch failed and turned itself off (see the warning)"
-        used = [c for c in list(dyt_ops._FWD.values()) + list(dyt_ops._BWD.values()) if c.runners]
-        assert used, "no launch configuration holds a runner: the direct path was never taken"
-        from dyt_kernels import functional
         rows = [slot[2] for slot in functional._VALIDATED.values() if slot[2] is not None]
         assert any(r.forward[4] and r.backward_runners for r in rows), "the signature fast path was not taken"
         for r, g in zip(ref, got):
@@ -389,21 +396,7 @@ def test_direct_matches_jit_bitwise_for_in_place_layouts_on_gpu(layout):
     """The signature fast path over strided and channels-first x (ops/dyt.py InPlace): direct launches
     on the tensors themselves give bitwise the JIT launcher's results, and the signature's own
     runners were used."""
-    from dyt_kernels import functional
-    run = _layout_case(layout)
-    previous = direct.set_enabled(False)
-    try:
-        ref = run()
-        direct.set_enabled(True)
-        for _ in range(3):
-            got = run()
-        assert direct.enabled(), "a direct launch failed and turned itself off (see the warning)"
-        rows = [slot[2] for slot in functional._VALIDATED.values() if slot[2] is not None]
-        assert any(r.forward[4] and r.backward_runners for r in rows), "the signature fast path was not taken"
-        for r, g in zip(ref, got):
-            assert torch.equal(r, g)
-    finally:
-        direct.set_enabled(previous)
+    _direct_matches_jit(_layout_case(layout))
 
 
 @cuda
@@ -473,6 +466,8 @@ def test_direct_modulate_finish_matches_jit_on_gpu():
     def run():
         h, r = dk.dyt_modulate(x, a, shift, scale, w, b, residual=res, gate=gate)
         return (h, r, *torch.autograd.grad((h, r), leaves, (dh, dr)))
+    from dyt_kernels import functional
+    functional._VALIDATED_MOD.clear()   # the slots checked below are these calls'
     previous = direct.set_enabled(False)
     try:
         ref = run()
@@ -480,7 +475,6 @@ def test_direct_modulate_finish_matches_jit_on_gpu():
         for _ in range(3):
             got = run()
         assert direct.enabled()
-        from dyt_kernels import functional
         from dyt_kernels.ops import modulate as mod_ops
         assert any(c.runners for c in list(mod_ops._FWD.values()) + list(mod_ops._BWD.values()))
         slots = list(functional._VALIDATED_MOD.values())
