@@ -35,6 +35,14 @@ def _check_layout(name: str, t: Tensor, layouts: tuple = (torch.strided,)) -> No
         raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; convert it with .to_dense()")
 
 
+def resolved(t: Tensor) -> Tensor:
+    """t with a lazy negation applied: torch marks some views negated instead of negating memory
+    (z.conj().imag of a complex z, and any view of one), and the kernels read memory through raw
+    pointers, so such a tensor is copied negated (resolve_neg is differentiable). Others come back as
+    they are, the very object (dynamo traces resolve_neg, not is_neg)."""
+    return t.resolve_neg()
+
+
 def check_input(name: str, x: object, min_dim: int = 1) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -43,7 +51,7 @@ def check_input(name: str, x: object, min_dim: int = 1) -> Tensor:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {shape_str(x)}")
-    return x
+    return resolved(x)
 
 
 def as_alpha(alpha: object, x: Tensor, channels: int) -> Tensor:
@@ -77,7 +85,7 @@ def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor
     # table) is copied, which autograd differentiates through.
     if p.dim() != 1:
         p = p.reshape(-1)
-    return p if p.is_contiguous() else p.contiguous()
+    return resolved(p if p.is_contiguous() else p.contiguous())
 
 
 def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
@@ -95,4 +103,4 @@ def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
         raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
     if m.device != x.device:
         raise ValueError(f"{name} is on {m.device} but x is on {x.device}; move them to one device")
-    return m
+    return resolved(m)

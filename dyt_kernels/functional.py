@@ -58,12 +58,16 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         # types of the arguments other than x (x's is checked on every call) keep a tensor
         # subclass among them from matching a signature plain tensors cached (_subclass_among).
         # x's strides decide how the kernels walk it (ops/dyt.py's InPlace), with channels_last.
-        sig = (x.shape, x.dtype, x.device, x.stride(), channels_last,
-               alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(),
+        # The negative bits keep a lazily negated view (_checks.resolved copies it) from matching
+        # a signature plain tensors of its strides cached: the kernels would read it unnegated.
+        sig = (x.shape, x.dtype, x.device, x.stride(), channels_last, x.is_neg(),
+               alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(), alpha.is_neg(),
                None if weight is None else weight.shape, None if weight is None else weight.dtype,
                None if weight is None else weight.device, weight is None or weight.is_contiguous(),
+               weight is not None and weight.is_neg(),
                None if bias is None else bias.shape, None if bias is None else bias.dtype,
                None if bias is None else bias.device, bias is None or bias.is_contiguous(),
+               bias is not None and bias.is_neg(),
                type(alpha), type(weight), type(bias))
     except (AttributeError, RuntimeError):   # a Python-number alpha, a wrong type or a sparse layout
         sig = None                             # without strides: the checks name them
@@ -153,7 +157,7 @@ def _compiled_dyt(x, alpha, weight, bias, channels_last):
 
 
 def _check_dyt_args(x, alpha, weight, bias, channels_last):
-    check_input("x", x, min_dim=1 if channels_last else 2)
+    x = check_input("x", x, min_dim=1 if channels_last else 2)
     channels = x.shape[-1] if channels_last else x.shape[1]
     return (x, as_alpha(alpha, x, channels), check_param("weight", weight, x, channels),
             check_param("bias", bias, x, channels))
@@ -165,7 +169,7 @@ _VALIDATED = BoundedCache()
 
 
 def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
-    check_input("x", x)
+    x = check_input("x", x)
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, D), got {shape_str(x)}")
     D = x.shape[2]
@@ -173,14 +177,14 @@ def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
     if shift is None or scale is None:
         raise TypeError("shift and scale are required tensors; pass zeros to disable one")
     if residual is not None:
-        check_input("residual", residual)
+        residual = check_input("residual", residual)
         if residual.shape != x.shape or residual.device != x.device:
             raise ValueError(f"residual must match x: shape {shape_str(x)} on {x.device}, "
                              f"got {shape_str(residual)} on {residual.device}")
     elif gate is not None:
         raise ValueError("gate scales x before the residual add, so it needs residual; got residual=None")
     gate = check_modulation("gate", gate, x)
-    return shift, scale, check_param("weight", weight, x, D), check_param("bias", bias, x, D), gate
+    return x, shift, scale, check_param("weight", weight, x, D), check_param("bias", bias, x, D), residual, gate
 
 
 def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
@@ -204,17 +208,21 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     (torch.Size([2, 16, 384]), torch.Size([2, 16, 384]))
     """
     if torch.compiler.is_compiling():   # traced: no signature cache (see _compiled_dyt)
-        shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+        x, shift, scale, weight, bias, residual, gate = _check_modulate_args(x, shift, scale, weight, bias,
+                                                                             residual, gate)
         return _compiled_modulate(x, as_alpha(alpha, x, x.shape[2]), shift, scale, weight, bias, residual, gate)
     try:
         # Modulations by their strides: adaLN chunks them out of one (B, 6D) projection, so they are
-        # strided views, which the kernels read in place (unit channel stride). The types as in dyt's.
-        sig = (x.shape, x.dtype, x.device, x.is_contiguous(), alpha.shape, alpha.dtype, alpha.device,
-               alpha.is_contiguous(), shift.shape, shift.dtype, shift.device, shift.stride(),
-               scale.shape, scale.dtype, scale.device, scale.stride(),
+        # strided views, which the kernels read in place (unit channel stride). The types and the
+        # negative bits as in dyt's.
+        sig = (x.shape, x.dtype, x.device, x.is_contiguous(), x.is_neg(), alpha.shape, alpha.dtype,
+               alpha.device, alpha.is_contiguous(), alpha.is_neg(),
+               shift.shape, shift.dtype, shift.device, shift.stride(), shift.is_neg(),
+               scale.shape, scale.dtype, scale.device, scale.stride(), scale.is_neg(),
                *_opt_sig(weight), *_opt_sig(bias), *_opt_sig(residual),
                None if gate is None else gate.shape, None if gate is None else gate.dtype,
                None if gate is None else gate.device, None if gate is None else gate.stride(),
+               gate is not None and gate.is_neg(),
                type(alpha), type(shift), type(scale), type(weight), type(bias), type(residual), type(gate))
     except (AttributeError, RuntimeError):   # a Python-number alpha, a wrong type or a sparse layout
         sig = None                             # without strides: the checks name them
@@ -222,17 +230,17 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     if slot is None:
         checked = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
         checked_alpha = as_alpha(alpha, x, x.shape[2])
-        if _subclass_among((*checked, checked_alpha, residual)):
-            (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
+        if _subclass_among((*checked[1:], checked_alpha)):
+            (x, shift, scale, weight, bias, residual, gate), alpha = checked, checked_alpha
             return reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
         if sig is not None and all(a is b for a, b in zip((*checked, checked_alpha),
-                                                          (shift, scale, weight, bias, gate, alpha))):
+                                                          (x, shift, scale, weight, bias, residual, gate, alpha))):
             # [forward call, {has_dr: backward call}, whether the launches read every tensor in place]
             # (ops/modulate.py fills the calls)
             in_place = (all(t is None or t.is_contiguous() for t in (x, alpha, weight, bias, residual))
                         and all(t is None or t.stride(-1) == 1 for t in (shift, scale, gate)))
             slot = _VALIDATED_MOD.add(sig, [None, {}, in_place])
-        (shift, scale, weight, bias, gate), alpha = checked, checked_alpha
+        (x, shift, scale, weight, bias, residual, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
             or _functorch_active():   # _plain_ops(x), inlined
@@ -271,10 +279,10 @@ _VALIDATED_MOD = BoundedCache()
 
 def _opt_sig(t) -> tuple:
     """An optional tensor's part of a signature: absent shows as None where its shape would be, and
-    counts as contiguous."""
+    counts as contiguous and not negated."""
     if t is None:
-        return None, None, None, True
-    return t.shape, t.dtype, t.device, t.is_contiguous()
+        return None, None, None, True, False
+    return t.shape, t.dtype, t.device, t.is_contiguous(), t.is_neg()
 
 
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
@@ -289,7 +297,8 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor |
     >>> layernorm_modulate(x, torch.zeros(2, 384), torch.zeros(2, 384)).shape
     torch.Size([2, 16, 384])
     """
-    shift, scale, weight, bias, gate = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
+    x, shift, scale, weight, bias, residual, gate = _check_modulate_args(x, shift, scale, weight, bias, residual,
+                                                                         gate)
     if check_finite("eps", eps) <= 0:
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     return reference.layernorm_modulate(x, shift, scale, weight, bias, residual=residual, gate=gate, eps=eps)

@@ -601,6 +601,8 @@ def in_place(x: Tensor, x2: Tensor, sx: int, levels: tuple, y: Tensor, y2: Tenso
 def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None,
              channels_last: bool, launch=None, slot: list | None = None):
     """(dx, dalpha, dweight, dbias) with two launches; dweight/dbias are None when weight/bias are."""
+    if dy.is_neg():   # a lazily negated gradient (autograd hands on torch.complex's): read it negated
+        dy = dy.resolve_neg()
     if x.dtype != dy.dtype:   # a saved-tensor hook unpacked x in another dtype than the forward's (y's, dy's)
         x = x.to(dy.dtype)
     rows = None if slot is None else slot[2]

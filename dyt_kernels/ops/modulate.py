@@ -651,6 +651,10 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     gradient is dh itself). r is the norm's input (x itself without a residual). `slot`: forward's."""
     B, L, D = x.shape
     dev = x.device
+    if dh.is_neg():   # lazily negated gradients (autograd hands on torch.complex's): read them negated
+        dh = dh.resolve_neg()
+    if dr is not None and dr.is_neg():
+        dr = dr.resolve_neg()
     # A saved-tensor hook may unpack x or r in another dtype than the forward's: x's is h's (dh's), r's
     # is dr's where it comes. (Other dtypes the launch plans read as they come.)
     if x.dtype != dh.dtype:
