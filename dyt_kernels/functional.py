@@ -21,7 +21,7 @@ from .backend import traced_backend, use_triton
 from .ops import dyt as dyt_ops
 from .ops import modulate as mod_ops
 from .ops.direct import _current_device as _cuda_device
-from .ops.plan import BoundedCache
+from ._signatures import Signatures, absent
 
 
 def _compiled_route(x: Tensor) -> str:
@@ -52,36 +52,26 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
         raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     if torch.compiler.is_compiling():   # traced: no signature cache (see _compiled_dyt)
         return _compiled_dyt(*_check_dyt_args(x, alpha, weight, bias, channels_last), channels_last)
+    # A signature (_signatures.py) this call's tensors match: its slot, and the checks are skipped.
+    slot = None
     try:
-        # Flat (no nested tuples: it is built and hashed on every call); an absent weight or bias
-        # shows as None where its shape would be, so no two argument lists share a signature. The
-        # types of the arguments other than x (x's is checked on every call) keep a tensor
-        # subclass among them from matching a signature plain tensors cached (_subclass_among).
-        # x's strides decide how the kernels walk it (ops/dyt.py's InPlace), with channels_last.
-        # The negative bits keep a lazily negated view (_checks.resolved copies it) from matching
-        # a signature plain tensors of its strides cached: the kernels would read it unnegated.
-        sig = (x.shape, x.dtype, x.device, x.stride(), channels_last, x.is_neg(),
-               alpha.shape, alpha.dtype, alpha.device, alpha.is_contiguous(), alpha.is_neg(),
-               None if weight is None else weight.shape, None if weight is None else weight.dtype,
-               None if weight is None else weight.device, weight is None or weight.is_contiguous(),
-               weight is not None and weight.is_neg(),
-               None if bias is None else bias.shape, None if bias is None else bias.dtype,
-               None if bias is None else bias.device, bias is None or bias.is_contiguous(),
-               bias is not None and bias.is_neg(),
-               type(alpha), type(weight), type(bias))
-    except (AttributeError, RuntimeError):   # a Python-number alpha, a wrong type or a sparse layout
-        sig = None                             # without strides: the checks name them
-    slot = _VALIDATED.get(sig)
+        for flag, guard, s in _VALIDATED.get(x.shape, ()):
+            if flag is channels_last and guard.check(x, alpha, _NO_WEIGHT if weight is None else weight,
+                                                     _NO_BIAS if bias is None else bias):
+                slot = s
+                break
+    except (AttributeError, TypeError, RuntimeError):   # x without a shape; a layout without strides
+        pass                                              # (the checks name them)
     if slot is None:
         args = _check_dyt_args(x, alpha, weight, bias, channels_last)
         if _subclass_among(args[1:]):
             return reference.dyt(*args, channels_last)
-        # An x with a zero stride (expanded) is never cached: sparse and mkldnn tensors report such
-        # strides too, and one of the same shape must not match its signature and skip the checks.
-        if sig is not None and 0 not in sig[3] and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
+        if (type(x) is Tensor or type(x) is Parameter) and all(a is b for a, b in zip(args, (x, alpha, weight, bias))):
+            # a plain x, and nothing copied or converted by the checks
             # [forward launch, backward launch, how x is read in place (an InPlace, or None)]: the
             # launchers fill them (ops/dyt.py)
-            slot = _VALIDATED.add(sig, [None, None, None])
+            slot = _VALIDATED.add(x.shape, channels_last, (x, alpha, _NO_WEIGHT if weight is None else weight,
+                                                           _NO_BIAS if bias is None else bias), [None, None, None])
         x, alpha, weight, bias = args
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
             or _functorch_active():   # _plain_ops(x), inlined
@@ -163,9 +153,10 @@ def _check_dyt_args(x, alpha, weight, bias, channels_last):
             check_param("bias", bias, x, channels))
 
 
-# Argument signatures (shapes, dtypes, devices, contiguity) that passed the checks unchanged, each with
-# a slot for its launch configurations: a call that matches one skips the checks.
-_VALIDATED = BoundedCache()
+# Argument signatures that passed the checks unchanged, each with a slot for its launch configurations:
+# a call that matches one skips the checks. Absent optional tensors stand as their own placeholders.
+_VALIDATED = Signatures()
+_NO_WEIGHT, _NO_BIAS = absent(), absent()
 
 
 def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
@@ -211,35 +202,32 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         x, shift, scale, weight, bias, residual, gate = _check_modulate_args(x, shift, scale, weight, bias,
                                                                              residual, gate)
         return _compiled_modulate(x, as_alpha(alpha, x, x.shape[2]), shift, scale, weight, bias, residual, gate)
+    slot = None   # as in dyt
     try:
-        # Modulations by their strides: adaLN chunks them out of one (B, 6D) projection, so they are
-        # strided views, which the kernels read in place (unit channel stride). The types and the
-        # negative bits as in dyt's.
-        sig = (x.shape, x.dtype, x.device, x.is_contiguous(), x.is_neg(), alpha.shape, alpha.dtype,
-               alpha.device, alpha.is_contiguous(), alpha.is_neg(),
-               shift.shape, shift.dtype, shift.device, shift.stride(), shift.is_neg(),
-               scale.shape, scale.dtype, scale.device, scale.stride(), scale.is_neg(),
-               *_opt_sig(weight), *_opt_sig(bias), *_opt_sig(residual),
-               None if gate is None else gate.shape, None if gate is None else gate.dtype,
-               None if gate is None else gate.device, None if gate is None else gate.stride(),
-               gate is not None and gate.is_neg(),
-               type(alpha), type(shift), type(scale), type(weight), type(bias), type(residual), type(gate))
-    except (AttributeError, RuntimeError):   # a Python-number alpha, a wrong type or a sparse layout
-        sig = None                             # without strides: the checks name them
-    slot = _VALIDATED_MOD.get(sig)
+        for _, guard, s in _VALIDATED_MOD.get(x.shape, ()):
+            if guard.check(x, alpha, shift, scale, _NO_WEIGHT if weight is None else weight,
+                           _NO_BIAS if bias is None else bias, _NO_RESIDUAL if residual is None else residual,
+                           _NO_GATE if gate is None else gate):
+                slot = s
+                break
+    except (AttributeError, TypeError, RuntimeError):
+        pass
     if slot is None:
         checked = _check_modulate_args(x, shift, scale, weight, bias, residual, gate)
         checked_alpha = as_alpha(alpha, x, x.shape[2])
         if _subclass_among((*checked[1:], checked_alpha)):
             (x, shift, scale, weight, bias, residual, gate), alpha = checked, checked_alpha
             return reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
-        if sig is not None and all(a is b for a, b in zip((*checked, checked_alpha),
-                                                          (x, shift, scale, weight, bias, residual, gate, alpha))):
+        if (type(x) is Tensor or type(x) is Parameter) and all(
+                a is b for a, b in zip((*checked, checked_alpha), (x, shift, scale, weight, bias, residual, gate, alpha))):
             # [forward call, {has_dr: backward call}, whether the launches read every tensor in place]
             # (ops/modulate.py fills the calls)
             in_place = (all(t is None or t.is_contiguous() for t in (x, alpha, weight, bias, residual))
                         and all(t is None or t.stride(-1) == 1 for t in (shift, scale, gate)))
-            slot = _VALIDATED_MOD.add(sig, [None, {}, in_place])
+            slot = _VALIDATED_MOD.add(x.shape, None, (
+                x, alpha, shift, scale, _NO_WEIGHT if weight is None else weight, _NO_BIAS if bias is None else bias,
+                _NO_RESIDUAL if residual is None else residual, _NO_GATE if gate is None else gate),
+                [None, {}, in_place])
         (x, shift, scale, weight, bias, residual, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
@@ -274,15 +262,8 @@ def _compiled_modulate(*args):
 
 
 # Argument signatures of dyt_modulate that passed the checks unchanged, each with its slot.
-_VALIDATED_MOD = BoundedCache()
-
-
-def _opt_sig(t) -> tuple:
-    """An optional tensor's part of a signature: absent shows as None where its shape would be, and
-    counts as contiguous and not negated."""
-    if t is None:
-        return None, None, None, True, False
-    return t.shape, t.dtype, t.device, t.is_contiguous(), t.is_neg()
+_VALIDATED_MOD = Signatures()
+_NO_RESIDUAL, _NO_GATE = absent(), absent()
 
 
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,

@@ -158,3 +158,24 @@ def far_apart_rows(shape: tuple, dtype: torch.dtype, device, gap: int = (1 << 30
     view = big.as_strided(shape, strides)
     view.copy_(torch.randn(shape, device=device).to(dtype))
     return view
+
+
+@contextlib.contextmanager
+def signature_guards(name: str) -> Iterator[None]:
+    """Run a block with the signature cache matching calls by torch's TensorGuards ("torch", where
+    _signatures chose it) or by PyGuards ("python", its fallback), both caches emptied before and
+    after, so each implementation's own entries are the ones tested."""
+    from dyt_kernels import _signatures, functional
+    chosen = {"torch": _signatures._c_guards(), "python": _signatures.PyGuards}[name]
+    if chosen is None:
+        raise RuntimeError("torch's TensorGuards is not usable here")
+    saved = _signatures.GUARDS
+    functional._VALIDATED.clear()
+    functional._VALIDATED_MOD.clear()
+    _signatures.GUARDS = chosen
+    try:
+        yield
+    finally:
+        _signatures.GUARDS = saved
+        functional._VALIDATED.clear()
+        functional._VALIDATED_MOD.clear()

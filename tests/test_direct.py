@@ -351,7 +351,7 @@ def _direct_matches_jit(run):
         for _ in range(3):
             got = run()
         assert direct.enabled(), "a direct launch failed and turned itself off (see the warning)"
-        rows = [slot[2] for slot in functional._VALIDATED.values() if slot[2] is not None]
+        rows = [slot[2] for slot in functional._VALIDATED.slots() if slot[2] is not None]
         assert any(r.forward[4] and r.backward_runners for r in rows), "the signature fast path was not taken"
         for r, g in zip(ref, got):
             assert torch.equal(r, g)
@@ -477,7 +477,7 @@ def test_direct_modulate_finish_matches_jit_on_gpu():
         assert direct.enabled()
         from dyt_kernels.ops import modulate as mod_ops
         assert any(c.runners for c in list(mod_ops._FWD.values()) + list(mod_ops._BWD.values()))
-        slots = list(functional._VALIDATED_MOD.values())
+        slots = list(functional._VALIDATED_MOD.slots())
         assert any(s[0] is not None and s[0][2] for s in slots), "the signature's forward fast path was not taken"
         assert any(call[7] for s in slots for call in s[1].values()), "the signature's backward fast path was not taken"
         for r, g in zip(ref, got):

@@ -16,6 +16,14 @@ import torch
 
 from dyt_kernels import dyt, dyt_modulate, use_backend
 from float64_checks import dyt_formula, modulate_formula
+from helpers import signature_guards
+
+
+@pytest.fixture(autouse=True, params=["torch", "python"], ids=["TensorGuards", "PyGuards"])
+def _guards(request):
+    """Every case with signatures matched by torch's guards and by the Python fallback."""
+    with signature_guards(request.param):
+        yield
 
 B, L, D = 3, 5, 24
 
