@@ -51,6 +51,7 @@ class View:
     starts: tuple[int, ...]
     pads: tuple[int, ...]
     expanded: tuple[bool, ...]
+    negated: bool = False   # torch's lazy negative bit on the final view (values read negated)
 
     def __str__(self) -> str:
         parts = []
@@ -64,6 +65,8 @@ class View:
             parts.append(f"pads={self.pads}")
         if any(self.expanded):
             parts.append(f"expanded={self.expanded}")
+        if self.negated:
+            parts.append("negated")
         return "View(" + (", ".join(parts) or "contiguous") + ")"
 
 
@@ -98,7 +101,8 @@ def materialize(shape, view: View, dtype, gen: torch.Generator, device, *, kind:
     t = values.to(dtype).to(device).permute([view.perm.index(d) for d in range(len(shape))])
     t = t[tuple(slice(0, 1) if e else slice(o, o + max(n - 1, 0) * s + 1 if n else o, s)
                 for n, s, o, e in zip(shape, view.steps, view.starts, view.expanded))]
-    return t.expand(*shape)
+    t = t.expand(*shape)
+    return torch._neg_view(t) if view.negated else t
 
 
 def is_contiguous(shape, view: View) -> bool:
@@ -173,6 +177,16 @@ class ModulateCase:
     bias: str | None
 
 
+P_NEGATED = 0.1   # chance that x, dy, the residual, dr or a modulation carries the negative bit
+
+
+def _negate(rng: random.Random, view: View | None) -> View | None:
+    """view with the negative bit drawn. Drawn after every other choice of a case, so adding it kept
+    the values of the cases drawn before it."""
+    negated = rng.random() < P_NEGATED
+    return None if view is None else dataclasses.replace(view, negated=negated)
+
+
 def _draw_params(rng: random.Random, dtype: str):
     param_dtype = rng.choice(["fp32", dtype])
     if rng.random() < 0.5:
@@ -195,8 +209,9 @@ def draw_dyt_case(index: int, backend: str) -> DytCase:
     shape = _fit(shape, rank - 1 if channels_last else 1, MAX_ELEMENTS[backend])
     dtype = rng.choice(list(DTYPES))
     param_dtype, alpha, weight, bias = _draw_params(rng, dtype)
-    return DytCase(case_id, rng.getrandbits(62), backend, dtype, param_dtype, tuple(shape), channels_last,
+    case = DytCase(case_id, rng.getrandbits(62), backend, dtype, param_dtype, tuple(shape), channels_last,
                    draw_view(rng, rank), draw_view(rng, rank, p_plain=0.6), alpha, weight, bias)
+    return dataclasses.replace(case, x_view=_negate(rng, case.x_view), dy_view=_negate(rng, case.dy_view))
 
 
 def draw_modulate_case(index: int, backend: str) -> ModulateCase:
@@ -212,9 +227,12 @@ def draw_modulate_case(index: int, backend: str) -> ModulateCase:
     for name in names:
         mode = rng.choice(["BD", "B1D", "BLD"])
         mods.append((name, mode, draw_view(rng, 2 if mode == "BD" else 3)))
-    return ModulateCase(case_id, rng.getrandbits(62), backend, dtype, param_dtype, tuple(shape), draw_view(rng, 3),
+    case = ModulateCase(case_id, rng.getrandbits(62), backend, dtype, param_dtype, tuple(shape), draw_view(rng, 3),
                         draw_view(rng, 3, p_plain=0.6), draw_view(rng, 3) if residual else None,
                         draw_view(rng, 3, p_plain=0.6) if residual else None, tuple(mods), alpha, weight, bias)
+    return dataclasses.replace(case, x_view=_negate(rng, case.x_view), dh_view=_negate(rng, case.dh_view),
+                               residual_view=_negate(rng, case.residual_view), dr_view=_negate(rng, case.dr_view),
+                               mods=tuple((n, m, _negate(rng, v)) for n, m, v in case.mods))
 
 
 def describe(case) -> str:
@@ -325,6 +343,13 @@ def test_generator_covers_the_layout_space():
         "residual with and without gate": {len(c.mods) for c in mod_cases if c.residual_view} == {2, 3},
         "no residual": any(c.residual_view is None for c in mod_cases),
         "triton cases": any(c.backend == "triton" for c in dyt_cases + mod_cases),
+        "negated x, dy (triton)": all(any(getattr(c, v).negated for c in dyt_cases if c.backend == "triton")
+                                      for v in ("x_view", "dy_view")),
+        "negated x, dh, residual, modulation (triton)": all(any(
+            f(c) for c in mod_cases if c.backend == "triton") for f in (
+                lambda c: c.x_view.negated, lambda c: c.dh_view.negated,
+                lambda c: c.residual_view is not None and c.residual_view.negated,
+                lambda c: any(v.negated for _, _, v in c.mods))),
     }
     missing = [k for k, ok in seen.items() if not ok]
     assert not missing, f"DYT_LAYOUT_SEED={SEED} draws no case with: {missing}"
