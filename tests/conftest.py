@@ -19,6 +19,14 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def on_device():
+    """Tensor factories default to the test device (CUDA when present), for tests that call the ops on
+    tensors they make with torch.randn & co.: on a GPU machine the Triton backend refuses CPU tensors."""
+    with torch.device(DEVICE):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,6 +17,8 @@ from float64_checks import dyt_formula, modulate_formula, repro
 from helpers import signature_guards
 
 
+pytestmark = pytest.mark.usefixtures("on_device")
+
 @pytest.fixture(autouse=True, params=["torch", "python"], ids=["TensorGuards", "PyGuards"])
 def _guards(request):
     """Every case with signatures matched by torch's guards and by the Python fallback."""

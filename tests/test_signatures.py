@@ -88,6 +88,7 @@ def test_a_non_tensor_never_matches():
             assert g.check([1.0, 2.0, 3.0], torch.randn(1)) is False
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("impl", ["torch", "python"])
 def test_one_tensor_twice_is_right_and_not_cached(impl):
     """weight is bias: no guard matches such a call (each tensor must be distinct), so it is never
@@ -100,6 +101,7 @@ def test_one_tensor_twice_is_right_and_not_cached(impl):
         assert functional._VALIDATED.slots() == []
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("impl", ["torch", "python"])
 def test_absent_and_present_arguments_share_a_shape(impl):
     """Calls of one x shape with and without weight / bias, residual / gate, interleaved: each keeps
@@ -124,6 +126,7 @@ def test_absent_and_present_arguments_share_a_shape(impl):
         assert len(functional._VALIDATED_MOD.slots()) == 3
 
 
+@pytest.mark.usefixtures("on_device")
 def test_a_shape_keeps_a_bounded_number_of_entries():
     with signature_guards("torch" if _signatures._c_guards() else "python"), use_backend("triton"):
         x = torch.randn(2, 8)
