@@ -9,8 +9,10 @@ Folding is right only if the DyT's output goes nowhere but into those Linears' m
 a modulation, a slice, a returned hidden state would all see tanh(a x) instead of the DyT output. The
 module tree does not say where a tensor goes, so the model runs once on example inputs under a
 TorchFunctionMode that sees every torch call: each DyT output is followed to its readers, and only a
-DyT whose every reader is F.linear with a Linear's own (untied) weight and bias, where each of those
-Linears reads nothing else, folds. Reading shape, dtype and other metadata is not a use of the values.
+DyT whose every reader is F.linear with a Linear's own (untied) weight and bias, called by that Linear's
+forward, where each of those Linears reads nothing else, folds; and only if nothing else reads those
+Linears' weights and biases (or views of them), since the fold rewrites them in place. Reading shape,
+dtype and other metadata is not a use of the values.
 One run sees one path through the model: a branch the example does not take (a different mode, an
 optional output) is not seen, so pass inputs that take the path you will serve.
 """
@@ -68,6 +70,17 @@ class _Tracer(TorchFunctionMode):
         self.readers = defaultdict(set)           # dyt id -> ids of Linears reading its output
         self.refused = {}                         # dyt id -> why it cannot fold
         self.linear_inputs = defaultdict(set)     # linear id -> dyt ids (None: a non-DyT input)
+        # Folding rewrites a Linear's weight and bias in place: any read of them (or of a view made of
+        # them beforehand) other than the Linear's own F.linear call would see the rewritten values.
+        self.linear_params = {id(t): (id(m), t) for m in linear_of_weight.values()
+                              for t in (m.weight, m.bias) if t is not None}
+        self.linear_storages = defaultdict(set)   # (device, storage pointer) -> ids of Linears
+        for m_id, t in self.linear_params.values():
+            key = _storage_key(t)
+            if key is not None:
+                self.linear_storages[key].add(m_id)
+        self.read_elsewhere = {}                  # linear id -> the first other read of its parameters
+        self.active = []                          # tracked modules whose forward runs, innermost last
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -76,9 +89,18 @@ class _Tracer(TorchFunctionMode):
         elif not _is_metadata(func):
             for t in _tensors((args, kwargs)):
                 if id(t) in self.outputs:
-                    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-                    self.refused.setdefault(self.outputs[id(t)][0], f"its output is read by {name}")
+                    self.refused.setdefault(self.outputs[id(t)][0], f"its output is read by {_name(func)}")
+                self._linear_param_read(t, func)
         return func(*args, **kwargs)
+
+    def _linear_param_read(self, t: Tensor, func) -> None:
+        own = self.linear_params.get(id(t))
+        if own is not None and own[1] is t:
+            owners = {own[0]}
+        else:
+            owners = self.linear_storages.get(_storage_key(t), ())
+        for m_id in owners:
+            self.read_elsewhere.setdefault(m_id, _name(func))
 
     def _linear(self, args, kwargs):
         x = args[0] if args else kwargs.get("input")
@@ -86,17 +108,37 @@ class _Tracer(TorchFunctionMode):
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         source = self.outputs.get(id(x), (None,))[0]
         linear = self.linear_of_weight.get(id(weight))
-        if linear is not None and bias is linear.bias:
+        # The Linear's own call: made by its forward (which reads self.bias afresh, so a bias the fold
+        # adds is used), with its weight and bias.
+        if (linear is not None and weight is linear.weight and bias is linear.bias
+                and self.active and self.active[-1] is linear):
             self.linear_inputs[id(linear)].add(source)
             if source is not None:
                 self.readers[source].add(id(linear))
+            if isinstance(x, Tensor):
+                self._linear_param_read(x, F.linear)
             return
         if source is not None:
             self.refused.setdefault(source, "its output is read by F.linear with a weight that is not an "
-                                            "untied nn.Linear's own")
-        for t in (weight, bias):
-            if isinstance(t, Tensor) and id(t) in self.outputs:
-                self.refused.setdefault(self.outputs[id(t)][0], "its output is used as a Linear weight")
+                                            "untied nn.Linear's own, or outside that Linear's forward")
+        for t in (x, weight, bias):
+            if isinstance(t, Tensor):
+                if id(t) in self.outputs and t is not x:
+                    self.refused.setdefault(self.outputs[id(t)][0], "its output is used as a Linear weight")
+                self._linear_param_read(t, F.linear)
+
+
+def _name(func) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+
+
+def _storage_key(t: Tensor):
+    """Which memory a tensor views: (device, storage pointer), or None where that cannot be told."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - subclasses, sparse and meta tensors have no plain storage
+        return None
+    return (t.device, ptr) if ptr else None
 
 
 def _untied_linears(model: nn.Module) -> dict[int, nn.Linear]:
@@ -155,8 +197,18 @@ def fold_dyt_affine(model: nn.Module, *example_args, **example_kwargs) -> FoldRe
         if isinstance(output, Tensor):
             outputs[id(output)] = (id(module), output)
 
-    hooks = [m.register_forward_hook(record) for m in dyts.values()]
     tracer = _Tracer(outputs, _untied_linears(model))
+
+    def enter(module, inputs):
+        tracer.active.append(module)
+
+    def leave(module, inputs, output):
+        if tracer.active and tracer.active[-1] is module:
+            tracer.active.pop()
+
+    hooks = [m.register_forward_hook(record) for m in dyts.values()]
+    for m in tracer.linear_of_weight.values():
+        hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
     try:
         with torch.no_grad(), tracer:
             result = model(*example_args, **example_kwargs)
@@ -183,8 +235,13 @@ def fold_dyt_affine(model: nn.Module, *example_args, **example_kwargs) -> FoldRe
             why = "no Linear reads its output"
         elif why is None:
             shared = [names[i] for i in readers if tracer.linear_inputs[i] != {dyt_id}]
+            elsewhere = [f"{names[i]} (by {tracer.read_elsewhere[i]})" for i in readers
+                         if i in tracer.read_elsewhere]
             if shared:
                 why = f"{', '.join(shared)} also read(s) other inputs"
+            elif elsewhere:
+                why = (f"the weight or bias of {', '.join(sorted(elsewhere))} is also read elsewhere than "
+                       f"in that Linear's own call, which would see the folded values")
         if why is not None:
             report.left[name] = why
             continue
