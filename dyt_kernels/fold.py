@@ -11,7 +11,8 @@ module tree does not say where a tensor goes, so the model runs once on example 
 TorchFunctionMode that sees every torch call: each DyT output is followed to its readers, and only a
 DyT whose every reader is F.linear with a Linear's own (untied) weight and bias, called by that Linear's
 forward, where each of those Linears reads nothing else, folds; and only if nothing else reads those
-Linears' weights and biases (or views of them), since the fold rewrites them in place. Reading shape,
+Linears' weights and biases (or views of them), since the fold rewrites them in place, and nothing but
+the DyT's own forward reads its weight and bias, which the fold drops. Reading shape,
 dtype and other metadata is not a use of the values.
 One run sees one path through the model: a branch the example does not take (a different mode, an
 optional output) is not seen, so pass inputs that take the path you will serve.
@@ -63,7 +64,7 @@ class FoldReport:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, outputs: dict, linear_of_weight: dict):
+    def __init__(self, outputs: dict, linear_of_weight: dict, dyts: dict):
         super().__init__()
         self.outputs = outputs                    # id(tensor) -> (dyt id, tensor kept alive)
         self.linear_of_weight = linear_of_weight  # id(weight) -> Linear
@@ -80,6 +81,12 @@ class _Tracer(TorchFunctionMode):
             if key is not None:
                 self.linear_storages[key].add(m_id)
         self.read_elsewhere = {}                  # linear id -> the first other read of its parameters
+        # Folding drops a DyT's weight and bias: only its own forward may read them (tied DyTs: any owner's).
+        self.dyt_params = defaultdict(set)        # id(parameter) -> ids of the DyTs holding it
+        for d_id, d in dyts.items():
+            for t in (d.weight, d.bias):
+                if t is not None:
+                    self.dyt_params[id(t)].add(d_id)
         self.active = []                          # tracked modules whose forward runs, innermost last
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -90,10 +97,18 @@ class _Tracer(TorchFunctionMode):
             for t in _tensors((args, kwargs)):
                 if id(t) in self.outputs:
                     self.refused.setdefault(self.outputs[id(t)][0], f"its output is read by {_name(func)}")
-                self._linear_param_read(t, func)
+                self._param_read(t, func)
         return func(*args, **kwargs)
 
-    def _linear_param_read(self, t: Tensor, func) -> None:
+    def _dyt_param_read(self, t: Tensor, func) -> None:
+        owners = self.dyt_params.get(id(t))
+        if owners and not (self.active and id(self.active[-1]) in owners):
+            for d_id in owners:
+                self.refused.setdefault(d_id, f"its weight or bias is read by {_name(func)} outside its own forward")
+
+    def _param_read(self, t: Tensor, func) -> None:
+        """A read of t by func that is not a tracked module's own: of a DyT's or a Linear's parameter?"""
+        self._dyt_param_read(t, func)
         own = self.linear_params.get(id(t))
         if own is not None and own[1] is t:
             owners = {own[0]}
@@ -116,7 +131,7 @@ class _Tracer(TorchFunctionMode):
             if source is not None:
                 self.readers[source].add(id(linear))
             if isinstance(x, Tensor):
-                self._linear_param_read(x, F.linear)
+                self._param_read(x, F.linear)
             return
         if source is not None:
             self.refused.setdefault(source, "its output is read by F.linear with a weight that is not an "
@@ -125,7 +140,7 @@ class _Tracer(TorchFunctionMode):
             if isinstance(t, Tensor):
                 if id(t) in self.outputs and t is not x:
                     self.refused.setdefault(self.outputs[id(t)][0], "its output is used as a Linear weight")
-                self._linear_param_read(t, F.linear)
+                self._param_read(t, F.linear)
 
 
 def _name(func) -> str:
@@ -197,7 +212,7 @@ def fold_dyt_affine(model: nn.Module, *example_args, **example_kwargs) -> FoldRe
         if isinstance(output, Tensor):
             outputs[id(output)] = (id(module), output)
 
-    tracer = _Tracer(outputs, _untied_linears(model))
+    tracer = _Tracer(outputs, _untied_linears(model), dyts)
 
     def enter(module, inputs):
         tracer.active.append(module)
@@ -207,7 +222,7 @@ def fold_dyt_affine(model: nn.Module, *example_args, **example_kwargs) -> FoldRe
             tracer.active.pop()
 
     hooks = [m.register_forward_hook(record) for m in dyts.values()]
-    for m in tracer.linear_of_weight.values():
+    for m in list(dyts.values()) + list(tracer.linear_of_weight.values()):
         hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
     try:
         with torch.no_grad(), tracer:

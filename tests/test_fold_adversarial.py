@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyt_kernels import DyT, fold_dyt_affine, use_backend
+from dyt_kernels import DyT, dyt, fold_dyt_affine, use_backend
 from helpers import FP32_EPS, max_abs
 from library_models import randomize_
 
@@ -95,4 +95,32 @@ def test_fold_still_folds_a_plain_norm_linear_pair_with_the_same_reads():
 
     report, want, got = _fold(Plain(), torch.randn(3, 8))
     assert report.folded == {"norm": ["fc"]}
+    _assert_same(got, want)
+
+
+class DyTWeightAlsoRead(nn.Module):
+    """norm -> fc, and the norm's weight and bias also used by hand (as a fused adaLN path reads them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = DyT(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.norm(x)) + dyt(x, self.norm.alpha, self.norm.weight, self.norm.bias)
+
+
+def test_fold_leaves_a_dyt_whose_weight_is_read_outside_its_forward():
+    """Before: folded; the fold drops norm.weight and norm.bias, so the hand-made call got None for
+    them and computed tanh(alpha x) (off by O(1)), no error."""
+    report, want, got = _fold(DyTWeightAlsoRead(), torch.randn(3, 8))
+    assert report.folded == {} and "outside its own forward" in report.left["norm"], report.left
+    _assert_same(got, want)
+
+
+def test_fold_folds_dyts_that_share_a_weight():
+    """Tied DyT parameters read by each DyT's own forward are not 'read elsewhere'."""
+    model = nn.Sequential(DyT(8), nn.Linear(8, 8), DyT(8), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    report, want, got = _fold(model, torch.randn(3, 8))
+    assert report.folded == {"0": ["1"], "2": ["3"]}
     _assert_same(got, want)
