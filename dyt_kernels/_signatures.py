@@ -29,8 +29,13 @@ def absent() -> Tensor:
     return torch.empty(0).as_subclass(_Absent)
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _facts(t) -> tuple:
-    return (type(t), t.layout, t.device, t.dtype, t.shape, t.stride(), t.is_neg(), t.is_conj(), t.requires_grad)
+    # (torch's guard sees a functorch wrapper by its dispatch keys; here it is asked)
+    return (type(t), t.layout, t.device, t.dtype, t.shape, t.stride(), t.is_neg(), t.is_conj(), t.requires_grad,
+            _wrapped(t))
 
 
 class PyGuards:
@@ -83,12 +88,15 @@ class Signatures(dict):
     PER_SHAPE = 8    # entries in one bucket (dtypes, layouts, requires_grad patterns)
 
     def add(self, key, flag, tensors: tuple, slot):
-        """Remember `tensors` (the call's, absent ones as their stand-ins) under `key` with `slot`.
-        A call passing one tensor twice (weight is bias) is not remembered: no guard matches it. Only
-        dense tensors are (the checks refuse others; building torch's guard on a sparse compressed
-        tensor aborts the process)."""
-        if len({id(t) for t in tensors}) != len(tensors) or any(t.layout != torch.strided for t in tensors):
-            return slot
+        """Remember `tensors` (the call's, absent ones as their stand-ins) under `key` with `slot`, and
+        return `slot`; or None where they are not remembered: a call passing one tensor twice (weight
+        is bias; no guard would match it), a non-dense tensor (the checks refuse them; building
+        torch's guard on a sparse compressed tensor aborts the process) or a functorch wrapper (a
+        tensor from inside a transform, or one that escaped it). So a call with a slot has plain
+        dense tensors only, which autograd.lean_dyt_apply relies on."""
+        if len({id(t) for t in tensors}) != len(tensors) or any(
+                t.layout != torch.strided or _wrapped(t) for t in tensors):
+            return None
         guard = GUARDS(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
         bucket = self.get(key)
         if bucket is None:

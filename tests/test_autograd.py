@@ -253,9 +253,10 @@ def test_fp32_residual_gradient_stays_fp32_under_a_bf16_x(route, monkeypatch):
     torch.testing.assert_close(dres.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("guards", ["torch", "python"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("python_apply", [False, True], ids=["this-torch", "python-apply"])
-def test_lean_apply_matches_float64_and_unwraps_dead_wrappers(python_apply, affine, device, monkeypatch):
+def test_lean_apply_matches_float64_and_unwraps_dead_wrappers(python_apply, affine, guards, device, monkeypatch):
     """The eager Functions' apply: torch's own where it is C++, else (forced here: torch 2.11's is
     Python) the C apply called directly after unwrapping dead functorch wrappers, as torch's Python
     apply does. Both against float64: values and gradients, with and without affine, a residual and
@@ -263,6 +264,7 @@ def test_lean_apply_matches_float64_and_unwraps_dead_wrappers(python_apply, affi
     the tensor it wraps."""
     from float64_checks import dyt_formula, modulate_formula
 
+    from dyt_kernels import _signatures
     from dyt_kernels import autograd as AG
     from dyt_kernels import functional as Fn
     monkeypatch.setattr(Fn, "dyt_apply", AG.lean_dyt_apply(AG.DyTFunction, python_apply))
@@ -284,7 +286,15 @@ def test_lean_apply_matches_float64_and_unwraps_dead_wrappers(python_apply, affi
     params = [p for p in (a, w, b) if p is not None]
     dy = torch.randn(2, 5, D, device=device)
     d64 = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
-    for x in (plain.clone().requires_grad_(), dead):   # (the dead wrapper's gradient is its unwrapped tensor's)
+    monkeypatch.setattr(_signatures, "GUARDS", {"torch": _signatures._c_guards(), "python": _signatures.PyGuards}[guards])
+    Fn._VALIDATED.clear()
+    Fn._VALIDATED_MOD.clear()
+    # plain twice (the second call finds the first's slot and skips the unwrapping), then the dead
+    # wrapper twice: never remembered, it never finds a slot (its gradient is its unwrapped tensor's)
+    for i, x in enumerate((plain.clone().requires_grad_(), plain.clone().requires_grad_(), dead, dead)):
+        if i == 2:
+            remembered = (len(Fn._VALIDATED.slots()), len(Fn._VALIDATED_MOD.slots()))
+            assert remembered == (1, 1)
         with use_backend("triton"):
             y = dyt(x, a, w, b)
             h, r = dyt_modulate(x, a, shift, scale, w, b, residual=res, gate=gate)
@@ -303,3 +313,6 @@ def test_lean_apply_matches_float64_and_unwraps_dead_wrappers(python_apply, affi
         torch.testing.assert_close(r.double(), r64, atol=1e-5, rtol=1e-5)
         for g, g64 in zip(grads, want):
             torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)
+    assert (len(Fn._VALIDATED.slots()), len(Fn._VALIDATED_MOD.slots())) == remembered
+    Fn._VALIDATED.clear()   # (entries made under this test's guards)
+    Fn._VALIDATED_MOD.clear()

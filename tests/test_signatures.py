@@ -136,3 +136,26 @@ def test_a_shape_keeps_a_bounded_number_of_entries():
             dyt(x.to(dtype).detach().requires_grad_(rg), a)
         (bucket,) = functional._VALIDATED.values()
         assert len(bucket) == _signatures.Signatures.PER_SHAPE   # 12 signatures met, the oldest dropped
+
+
+def _dead_wrapper():
+    leaked = []
+
+    def f(t):
+        leaked.append(t * 1)   # escapes the transform: a dead wrapper once grad returns
+        return (t * t).sum()
+    torch.func.grad(f)(torch.randn(4, 6))
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    return leaked[0]
+
+
+def test_functorch_wrappers_are_never_remembered_nor_matched():
+    """autograd.lean_dyt_apply skips unwrapping dead functorch wrappers for calls that found a slot:
+    so Signatures never remembers a wrapper, and a guard plain tensors left never matches one."""
+    dead = _dead_wrapper()
+    plain = torch._C._functorch.unwrap_if_dead(dead)
+    assert _signatures.Signatures().add((4, 6), None, (dead, torch.randn(1)), [None]) is None
+    for impl in (_signatures._c_guards(), _signatures.PyGuards):
+        if impl is not None:
+            g = impl(plain, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+            assert g.check(plain) is True and g.check(dead) is False
