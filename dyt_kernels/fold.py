@@ -12,13 +12,16 @@ TorchFunctionMode that sees every torch call: each DyT output is followed to its
 DyT whose every reader is F.linear with a Linear's own (untied) weight and bias, called by that Linear's
 forward, where each of those Linears reads nothing else, folds; and only if nothing else reads those
 Linears' weights and biases (or views of them), since the fold rewrites them in place, and nothing but
-the DyT's own forward reads its weight and bias, which the fold drops. Reading shape,
+the DyT's own forward reads its weight and bias, which the fold drops. An output still held by anything
+once the run is over (returned, even inside an object, or kept by the model) does not fold either. Reading shape,
 dtype and other metadata is not a use of the values.
 One run sees one path through the model: a branch the example does not take (a different mode, an
 optional output) is not seen, so pass inputs that take the path you will serve.
 """
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -156,6 +159,20 @@ def _storage_key(t: Tensor):
     return (t.device, ptr) if ptr else None
 
 
+def _returned(result, outputs: dict) -> set:
+    return {outputs[id(t)][0] for t in _tensors(result) if id(t) in outputs}
+
+
+def _kept(outputs: dict) -> set:
+    """The DyTs whose outputs something still holds once the run is over: the model's result (also an
+    output object that _tensors cannot walk, a plain dataclass), an attribute the model set, a list it
+    appended to. Empties ``outputs``, which held them (alive, so their ids stay unique) until now."""
+    refs = [(dyt_id, weakref.ref(t)) for dyt_id, t in outputs.values()]
+    outputs.clear()
+    gc.collect()
+    return {dyt_id for dyt_id, ref in refs if ref() is not None}
+
+
 def _untied_linears(model: nn.Module) -> dict[int, nn.Linear]:
     """id(weight) -> Linear, for Linears whose weight and bias no other module holds (no tying)."""
     owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
@@ -230,11 +247,12 @@ def fold_dyt_affine(model: nn.Module, *example_args, **example_kwargs) -> FoldRe
     finally:
         for h in hooks:
             h.remove()
-    for t in _tensors(result):
-        if id(t) in outputs:
-            tracer.refused.setdefault(outputs[id(t)][0], "its output is returned by the model")
-
+    for dyt_id in _returned(result, outputs):
+        tracer.refused.setdefault(dyt_id, "its output is returned by the model")
     called = {dyt_id for dyt_id, _ in outputs.values()}
+    for dyt_id in _kept(outputs):  # while result lives: what it holds is what a caller would get
+        tracer.refused.setdefault(dyt_id, "its output outlives the run (returned inside an object the fold "
+                                          "cannot look into, or kept by the model), and would change")
     linears = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}
     for dyt_id, dyt in dyts.items():
         name = names[dyt_id]

@@ -10,6 +10,8 @@ fold is off by O(1).
 """
 from __future__ import annotations
 
+import dataclasses
+
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,49 @@ def test_fold_folds_dyts_that_share_a_weight():
     report, want, got = _fold(model, torch.randn(3, 8))
     assert report.folded == {"0": ["1"], "2": ["3"]}
     _assert_same(got, want)
+
+
+@dataclasses.dataclass
+class Output:                       # a plain dataclass: not a tuple, list or dict-like
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class ReturnsNormOutputInADataclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = DyT(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return Output(self.fc(h), h)
+
+
+class KeepsNormOutput(nn.Module):
+    """Stores the norm's output for its caller (features for distillation, a probe), returns fc's."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = DyT(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.features = self.norm(x)
+        return self.fc(self.features)
+
+
+def test_fold_leaves_a_dyt_whose_output_outlives_the_run():
+    """Before: folded; the dataclass's hidden (the model's stored features) became tanh(alpha x)
+    instead of the DyT output, no error."""
+    x = torch.randn(3, 8)
+    report, want, got = _fold(ReturnsNormOutputInADataclass(), x)
+    assert report.folded == {} and "outlives" in report.left["norm"], report.left
+    _assert_same(got.hidden, want.hidden)
+    _assert_same(got.logits, want.logits)
+
+    model = randomize_(KeepsNormOutput()).eval()
+    want = model(x), model.features
+    report = fold_dyt_affine(model, x)
+    assert report.folded == {} and "outlives" in report.left["norm"], report.left
+    got = model(x), model.features
+    _assert_same(got[0], want[0])
+    _assert_same(got[1], want[1])
