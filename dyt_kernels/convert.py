@@ -183,13 +183,28 @@ def _ancestors(model: nn.Module) -> dict[int, list[nn.Module]]:
     return out
 
 
+def _tie_shared_affine(by_id: dict, new: dict) -> None:
+    """Norm instances that hold one weight (or bias) Parameter get DyTs that hold one too, the first built."""
+    first: dict = {}   # id(the norms' shared tensor) -> the DyT parameter made from it first
+    for m_id, dyt in new.items():
+        for attr in ("weight", "bias"):
+            old, made = getattr(by_id[m_id], attr, None), getattr(dyt, attr)
+            if not isinstance(old, torch.Tensor) or made is None:
+                continue
+            kept = first.setdefault(id(old), made)
+            if kept is not made and kept.shape == made.shape:
+                setattr(dyt, attr, kept)
+
+
 def _apply(model: nn.Module, plan: _Plan, opts: dict) -> dict[int, DyT]:
     ancestors = _ancestors(model)
     by_id = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
     new = {m_id: _build(by_id[m_id], name, kind, ancestors.get(m_id, []), opts)
            for m_id, (name, kind) in plan.kinds.items()}
+    _tie_shared_affine(by_id, new)
     _watch_optimizers([by_id[m_id] for m_id in new])
-    # One DyT per norm *instance*: a norm registered in several places (weight tying) stays shared.
+    # One DyT per norm *instance*: a norm registered in several places (weight tying) stays shared, and
+    # so does a Parameter that several norm instances hold (_tie_shared_affine).
     # _modules is walked directly because named_children() skips a module's repeats.
     for parent in list(model.modules()):
         for attr, child in list(parent._modules.items()):

@@ -210,6 +210,19 @@ def test_convert_norm_shared_across_parents(device):
     assert model["a"][1] is model["b"][0], "the shared norm was split into independent DyT modules"
 
 
+def test_convert_keeps_parameters_tied_between_norm_instances(device):
+    """Two LayerNorm instances holding one weight and one bias Parameter (tied by assignment, as a
+    model shares a norm's affine between branches). Before, each DyT got its own copy: equal at
+    conversion, then trained apart, with nothing said."""
+    a, b = randomize_(nn.LayerNorm(8)), nn.LayerNorm(8)
+    b.weight, b.bias = a.weight, a.bias
+    model = convert_layernorm_to_dyt(nn.Sequential(a, nn.Linear(8, 8), b).to(device))
+    assert model[0] is not model[2] and model[0].alpha is not model[2].alpha
+    assert model[0].weight is model[2].weight and model[0].bias is model[2].bias
+    assert len(list(model.parameters())) == 2 + 2 + 2        # 2 alphas, the tied pair, the Linear's
+    torch.testing.assert_close(model[0].weight, a.weight.to(device), rtol=0, atol=0)
+
+
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         convert_layernorm_to_dyt(lambda x: x)
