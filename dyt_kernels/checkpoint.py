@@ -56,13 +56,35 @@ def _warn_homeless(homeless: list[str], what: str) -> None:
                       f"could not convert them (see the converter's warning).", DyTCheckpointWarning, stacklevel=3)
 
 
+def _warn_affine_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """A DyT whose alpha the state dict has, but not the weight or bias the DyT holds: under strict=False
+    the DyT keeps the model's own values. A state dict saved after fold_dyt_affine is like that, and
+    its Linears already hold the affine, which the model would then apply twice."""
+    from .modules import DyT
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    lacking = []
+    for name, key in _alpha_owners(state_dict).items():
+        dyt = modules.get(name)
+        prefix = name + "." if name else ""
+        if isinstance(dyt, DyT):
+            lacking += [f"{key} (no '{prefix}{attr}')" for attr in ("weight", "bias")
+                        if getattr(dyt, attr) is not None and prefix + attr not in state_dict]
+    if lacking:
+        warnings.warn(f"the state dict has DyT alphas without the weight or bias their DyTs hold: {', '.join(lacking)}. "
+                      f"Those DyTs keep the model's values. A state dict saved after fold_dyt_affine has no DyT "
+                      f"weight or bias (its Linears hold them): it is not for loading into a built model.",
+                      DyTCheckpointWarning, stacklevel=3)
+
+
 def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True,
                         fuse_modulation: bool = False) -> nn.Module:
     """Load a converted model's state dict into a freshly built (LayerNorm) model, converting it first.
 
     The norms that have an ``alpha`` in ``state_dict`` become DyT (per-channel where that alpha is),
     then every tensor loads with ``strict``. An alpha that finds no DyT warns (DyTCheckpointWarning)
-    instead of vanishing. Returns the model (if ``model`` is itself a norm, its replacement).
+    instead of vanishing, and so, under strict=False, does an alpha whose DyT's weight or bias the state
+    dict lacks (one saved after fold_dyt_affine). Returns the model (if ``model`` is itself a norm, its replacement).
 
     >>> import torch
     >>> from dyt_kernels import convert_layernorm_to_dyt, load_dyt_state_dict
@@ -75,6 +97,8 @@ def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, s
     alpha_state = {k: state_dict[k] for k in _alpha_owners(state_dict).values()}
     model = _convert_for(model, alpha_state, fuse_modulation)
     _warn_homeless(_homeless_alphas(model, alpha_state), "the state dict")
+    if not strict:  # strict loads name the missing keys themselves
+        _warn_affine_missing(model, state_dict)
     model.load_state_dict(state_dict, strict=strict)
     return model
 

@@ -472,6 +472,21 @@ def test_load_that_would_drop_alphas_warns():
         load_dyt_state_dict(nn.Sequential(nn.Linear(8, 8), nn.GroupNorm(2, 8)), source.state_dict())
 
 
+def test_folded_checkpoint_into_a_model_with_norm_weights_warns():
+    """A state dict saved after fold_dyt_affine has the DyT's alpha but no weight or bias (its Linears
+    hold them). Loaded non-strictly into a built model whose norm has a weight, the DyT kept that weight
+    and the model applied the affine twice: off by O(1), no word. Strict loads fail on the missing keys."""
+    build = lambda: randomize_(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)))  # noqa: E731
+    source = convert_layernorm_to_dyt(build()).eval()
+    fold_dyt_affine(source, torch.randn(3, 8))
+    folded_state = source.state_dict()
+    assert "1.alpha" in folded_state and "1.weight" not in folded_state
+    with pytest.warns(DyTCheckpointWarning, match=r"1\.alpha.*no '1\.weight'.*fold_dyt_affine"):
+        load_dyt_state_dict(build(), folded_state, strict=False)
+    with pytest.raises(RuntimeError, match="Missing key.*1.weight"):
+        load_dyt_state_dict(build(), folded_state)
+
+
 def test_layernorm_checkpoint_into_converted_model_warns_and_load_then_convert_works():
     build = lambda: randomize_(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)))  # noqa: E731
     layernorm_state = build().state_dict()
