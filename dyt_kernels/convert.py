@@ -210,7 +210,30 @@ def _apply(model: nn.Module, plan: _Plan, opts: dict) -> dict[int, DyT]:
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in new:
                 setattr(parent, attr, new[id(child)])
+        _rebind_plain_references(parent, new)
     return new
+
+
+# nn.Module's own state in its __dict__: registered children, parameters, buffers and hooks are not
+# references a forward reaches a norm through.
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _rebind_plain_references(parent: nn.Module, new: dict[int, DyT]) -> None:
+    """A forward can reach a norm through an unregistered attribute, or a plain list, tuple or dict
+    attribute (not a ModuleList): point those at its DyT too, one level deep."""
+    swap = lambda v: new.get(id(v), v) if isinstance(v, nn.Module) else v  # noqa: E731
+    for attr, value in list(vars(parent).items()):
+        if attr in _MODULE_STATE:
+            continue
+        if isinstance(value, nn.Module) and id(value) in new:
+            object.__setattr__(parent, attr, new[id(value)])
+        elif type(value) is list:
+            value[:] = [swap(v) for v in value]
+        elif type(value) is dict:
+            value.update({k: swap(v) for k, v in value.items()})
+        elif type(value) is tuple and any(isinstance(v, nn.Module) and id(v) in new for v in value):
+            object.__setattr__(parent, attr, tuple(swap(v) for v in value))
 
 
 def conversion_report(model: nn.Module, *, include_rmsnorm: bool = False,

@@ -223,6 +223,33 @@ def test_convert_keeps_parameters_tied_between_norm_instances(device):
     torch.testing.assert_close(model[0].weight, a.weight.to(device), rtol=0, atol=0)
 
 
+class NormsAlsoInAPlainList(nn.Module):
+    """Its forward reaches the norms through a plain Python list (not a ModuleList) and an attribute set
+    with object.__setattr__ (unregistered), as well as through their registered names."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.in_order = [self.a, self.b]
+        object.__setattr__(self, "last", self.b)
+
+    def forward(self, x):
+        for norm in self.in_order:
+            x = norm(x)
+        return self.last(x)
+
+
+def test_convert_rebinds_plain_references_to_a_converted_norm(device):
+    """Before: the registered slots became DyT, the report said 2 converted, and forward still ran the
+    old LayerNorms through the list and the attribute: a LayerNorm model training unused DyT parameters."""
+    model = convert_layernorm_to_dyt(randomize_(NormsAlsoInAPlainList()).to(device))
+    assert isinstance(model.a, DyT) and isinstance(model.b, DyT)
+    assert model.in_order[0] is model.a and model.in_order[1] is model.b and model.last is model.b
+    x = torch.randn(3, 8, device=device)
+    want = model.b(model.b(model.a(x)))
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         convert_layernorm_to_dyt(lambda x: x)
