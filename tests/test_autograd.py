@@ -1,7 +1,7 @@
 """The paths autograd.py gives a call: eager Functions, and under torch.compile the fused path
 (pointwise forward the compiler fuses, our backward kernel as a custom op) and the opaque one.
 
-The compiled paths are traced here on CPU tensors, where the custom ops compute with reference.py;
+The compiled paths are traced on the test device: on CPU the custom ops compute with reference.py,
 on a GPU the same graphs launch the kernels (bench/gpu_check.sh runs them). Every path is checked
 against the same float64 oracle as the eager kernels.
 """
@@ -12,6 +12,10 @@ import torch
 
 from dyt_kernels import dyt, dyt_modulate, reference, use_backend
 from dyt_kernels.autograd import DyTFused, DyTModulateFused
+
+# Tensors made here land on the test device: on a GPU machine the Triton backend refuses CPU tensors
+# and the same graphs launch the kernels.
+pytestmark = pytest.mark.usefixtures("on_device")
 
 
 class _Graphs:
