@@ -25,8 +25,9 @@ class _Absent(Tensor):
 
 def absent() -> Tensor:
     """A new stand-in for an absent tensor. Each position needs its own object: a guard refuses a
-    call that passes one object twice."""
-    return torch.empty(0).as_subclass(_Absent)
+    call that passes one object twice. (On the CPU whatever torch's default device: creating it must
+    neither initialize CUDA at import nor depend on torch.set_default_device.)"""
+    return torch.empty(0, device="cpu").as_subclass(_Absent)
 
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -56,15 +57,17 @@ class PyGuards:
 
 def _c_guards():
     """torch's TensorGuards where it tells apart every fact a signature holds (checked on CPU
-    tensors: type, dtype, shape, strides, negative bit, requires_grad, layout), else None."""
+    tensors: type, dtype, shape, strides, negative bit, requires_grad, layout), else None. The
+    tensors are made on the CPU explicitly, whatever torch's default device."""
     try:
         from torch._C._dynamo.guards import TensorGuards
-        a, b = torch.randn(2, 3), torch.randn(3)
+        cpu = torch.device("cpu")
+        a, b = torch.randn(2, 3, device=cpu), torch.randn(3, device=cpu)
         g = TensorGuards(a, b, dynamic_dims_sizes=None, dynamic_dims_strides=None)
         others = [
-            (torch.nn.Parameter(a.clone()), b), (a.double(), b), (torch.randn(2, 4), b), (torch.randn(3, 3), b),
-            (torch.empty_strided((2, 3), (1, 2)), b), (torch._neg_view(a), b), (a, b.clone().requires_grad_()),
-            (a.to_sparse(), b), (a, a),
+            (torch.nn.Parameter(a.clone()), b), (a.double(), b), (torch.randn(2, 4, device=cpu), b),
+            (torch.randn(3, 3, device=cpu), b), (torch.empty_strided((2, 3), (1, 2), device=cpu), b),
+            (torch._neg_view(a), b), (a, b.clone().requires_grad_()), (a.to_sparse(), b), (a, a),
         ]
         if g.check(a, b) is True and g.check(a.clone(), b.clone()) is True \
                 and not any(g.check(*o) for o in others) and g.check(a, 0.5) is False:

@@ -159,3 +159,20 @@ def test_functorch_wrappers_are_never_remembered_nor_matched():
         if impl is not None:
             g = impl(plain, dynamic_dims_sizes=None, dynamic_dims_strides=None)
             assert g.check(plain) is True and g.check(dead) is False
+
+
+def test_import_under_another_default_device():
+    """torch.set_default_device before the import (here "meta"; "cuda" the same way): the self-test
+    and the stand-ins are made on the CPU explicitly, so torch's guards are still chosen and importing
+    creates no tensor on that device (on "cuda" it would initialize CUDA at import)."""
+    import subprocess
+    import sys
+    code = ("import torch; torch.set_default_device('meta'); import dyt_kernels; "
+            "from dyt_kernels import _signatures as S, functional as F; "
+            "print(S.GUARDS is S.PyGuards, F._NO_WEIGHT.device.type, F._NO_GATE.device.type)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fallback, *devices = out.stdout.split()
+    assert devices == ["cpu", "cpu"]
+    if _signatures._c_guards() is not None:
+        assert fallback == "False"
