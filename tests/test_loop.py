@@ -134,3 +134,29 @@ def test_torchrun_two_processes_on_cpu(tmp_path, digit_folder):
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
     # Only rank 0 writes: no stray temp files from a second writer.
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+
+
+def test_resume_keeps_the_labels_file_and_says_when_the_data_differ(tmp_path, digit_folder, capsys):
+    """--labels-file shapes the training data; before, a resumed run dropped it and trained on the
+    folder's default labels.txt (here 10 classes instead of 5) without a word. Now it continues with
+    the checkpoint's, refuses a contradicting one, and says when the data it loads differ from the ones
+    the checkpoint was trained on (a labels file edited, or MNIST online where the run was offline)."""
+    lines = open(os.path.join(digit_folder, "labels.txt")).read().splitlines()[1:]
+    subset = tmp_path / "low_digits.csv"
+    subset.write_text("\n".join(line for line in lines if int(line.split(",")[1]) < 5) + "\n")
+    run_train(tmp_path, "pixart", "dyt", digit_folder, "--steps", "2", "--labels-file", str(subset))
+    ckpt = tmp_path / "out" / "checkpoint.pt"
+    resume = ["--resume", str(ckpt), "--data", digit_folder, "--data-dir", str(tmp_path / "cache"), "--eval-samples",
+              "0", "--no-progress", "--sampling-steps", "2"]
+    other = tmp_path / "other.csv"
+    other.write_text(subset.read_text())
+    with pytest.raises(UsageError, match=r"trained with labels_file=.*low_digits.csv.*asks for labels_file=.*other"):
+        train_mnist.run_command([*resume, "--steps", "3", "--labels-file", str(other)])
+    train_mnist.run_command([*resume, "--steps", "3"])
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 3 and state["run_info"]["class_names"] == ["0", "1", "2", "3", "4"]
+    assert "differ" not in capsys.readouterr().err
+    subset.write_text("\n".join(line for line in lines if int(line.split(",")[1]) < 4) + "\n")  # one label fewer
+    train_mnist.run_command([*resume, "--steps", "4"])
+    err = capsys.readouterr().err
+    assert "[resume] the training data differ from the checkpoint's" in err and "class_names" in err, err

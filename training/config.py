@@ -21,9 +21,12 @@ from .runtime import check_compile_mode
 # Flags whose value shapes the training trajectory: a resumed run must use the checkpoint's.
 TRAJECTORY_KEYS = ("model", "norm", "preset", "batch_size", "lr", "warmup_steps", "weight_decay", "ema_decay",
                    "loss_weighting", "snr_gamma", "prediction",
-                   "grad_clip", "cfg_dropout", "seed", "data", "image_size", "model_overrides", "precision")
+                   "grad_clip", "cfg_dropout", "seed", "data", "labels_file", "image_size", "model_overrides",
+                   "precision")
 # Keys a checkpoint written before they existed lacks, with the value those runs used.
-LEGACY_CONFIG = {"prediction": "eps"}
+LEGACY_CONFIG = {"prediction": "eps", "labels_file": None}
+# What a run records of the data it trained on (run_info), compared when it is resumed.
+DATA_IDENTITY = ("data_source", "train_examples", "heldout_examples", "class_names", "in_channels")
 # Flags the recipe fills in when they are not given.
 RECIPE_KEYS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "sample_every", "checkpoint_every",
                "loss_weighting", "prediction")
@@ -92,3 +95,14 @@ def merge_resume_config(cfg: dict, saved: dict, given: set[str], path: str) -> d
         print(f"[resume] world size changed {saved['world_size']} -> {cfg['world_size']}: the data order "
               f"and noise of each step change with it, so the continuation is not bit-exact", file=sys.stderr)
     return cfg
+
+
+def check_resumed_data(saved_info: dict, info: dict, path: str) -> None:
+    """Say when the data a resumed run loaded differ from those its checkpoint was trained on (a labels
+    file or folder edited since, MNIST downloaded where the run had the offline fallback): the run goes
+    on, as the user asked, but it is no longer the continuation of the checkpoint's run."""
+    changed = [f"{key} {saved_info[key]!r} -> {info[key]!r}" for key in DATA_IDENTITY
+               if key in saved_info and saved_info[key] != info[key]]
+    if changed:
+        print(f"[resume] the training data differ from the checkpoint's ({path}): {'; '.join(changed)}; the "
+              f"continuation is not the run the checkpoint started", file=sys.stderr)

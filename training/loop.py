@@ -26,7 +26,7 @@ from models import build_model
 from .artifacts import save_grid, save_losses
 from .checkpoint import (check_finite_weights, load_checkpoint, nonfinite_tensors, remove_orphan_temp_files,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import check_train_config, merge_resume_config, resolve_train_config
+from .config import check_resumed_data, check_train_config, merge_resume_config, resolve_train_config
 from .data import ImageSet, StepBatches, load_dataset, to_model_range
 from .errors import RunFailed, UsageError
 from .evaluate import run_info, write_metrics
@@ -157,6 +157,8 @@ def prepare(values: dict[str, Any], given: set[str]) -> Run:
         if run.is_main:
             set_rng_state(saved["rng"])
     run.info = run_info(cfg, device, threads, world, model, diffusion, *data)
+    if saved is not None and run.is_main:
+        check_resumed_data(saved["run_info"], run.info, cfg["resume"])
     return run
 
 
