@@ -46,3 +46,21 @@ def test_resume_takes_the_checkpoints_trajectory_and_model_defaults():
     cfg, given = resolve(["--resume", __file__, "--norm", "layernorm"])
     with pytest.raises(UsageError, match="trained with norm='dyt', but this run asks for norm='layernorm'"):
         merge_resume_config(cfg, saved, given, "ckpt.pt")
+
+
+def test_resume_keeps_the_runs_own_settings_unless_given():
+    """A resumed run used to take its checkpoint, sample-grid and evaluation settings from the defaults:
+    a run given --checkpoint-every 7 went on checkpointing every 250 steps (the preset's), so the next
+    interruption lost up to 249 steps, and its final metrics were measured with the default guidance,
+    sampling steps and sample count instead of the run's. Flags given to the resume still win."""
+    settings = {"checkpoint_every": 7, "sample_every": 3, "eval_samples": 0, "guidance": 2.0, "sampling_steps": 9,
+                "num_threads": 1, "data_dir": "elsewhere", "no_progress": True}
+    saved, _ = resolve(["--model", "flux", "--checkpoint-every", "7", "--sample-every", "3", "--eval-samples", "0",
+                        "--guidance", "2", "--sampling-steps", "9", "--num-threads", "1", "--data-dir", "elsewhere",
+                        "--no-progress"])
+    cfg, given = resolve(["--resume", __file__])
+    merged = merge_resume_config(cfg, saved, given, "ckpt.pt")
+    assert {key: merged[key] for key in settings} == settings
+    cfg, given = resolve(["--resume", __file__, "--guidance", "5", "--checkpoint-every", "0"])
+    merged = merge_resume_config(cfg, saved, given, "ckpt.pt")
+    assert (merged["guidance"], merged["checkpoint_every"], merged["sample_every"]) == (5.0, 0, 3)

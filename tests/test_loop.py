@@ -160,3 +160,17 @@ def test_resume_keeps_the_labels_file_and_says_when_the_data_differ(tmp_path, di
     train_mnist.run_command([*resume, "--steps", "4"])
     err = capsys.readouterr().err
     assert "[resume] the training data differ from the checkpoint's" in err and "class_names" in err, err
+
+
+def test_resume_keeps_the_runs_checkpoint_and_sample_intervals(tmp_path, digit_folder):
+    """A run given --sample-every 1 --checkpoint-every 1, resumed without them, used the preset's 500 / 250
+    steps: no sample grid and no checkpoint until the end of the run."""
+    run_train(tmp_path, "flux", "dyt", digit_folder, "--steps", "2", "--sample-every", "1", "--checkpoint-every", "1")
+    out = tmp_path / "out"
+    os.remove(out / "samples_0000001.png")
+    train_mnist.run_command(["--resume", str(out / "checkpoint.pt"), "--steps", "4", "--data", digit_folder,
+                             "--data-dir", str(tmp_path / "cache")])
+    assert (out / "samples_0000003.png").is_file()
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert (state["config"]["sample_every"], state["config"]["checkpoint_every"]) == (1, 1)
+    assert state["config"]["eval_samples"] == 0 and state["config"]["sampling_steps"] == 2  # the run's, not 1000 / 50

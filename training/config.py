@@ -27,6 +27,10 @@ TRAJECTORY_KEYS = ("model", "norm", "preset", "batch_size", "lr", "warmup_steps"
 LEGACY_CONFIG = {"prediction": "eps", "labels_file": None}
 # What a run records of the data it trained on (run_info), compared when it is resumed.
 DATA_IDENTITY = ("data_source", "train_examples", "heldout_examples", "class_names", "in_channels")
+# Settings of a run that do not shape its trajectory; a resumed run keeps the checkpoint's unless given.
+# (--time-limit is not one: it counts the training time of the whole run, so a run it stopped would stop again.)
+RUN_KEYS = ("sampler", "sample_every", "checkpoint_every", "eval_samples", "guidance", "sampling_steps",
+            "num_threads", "data_dir", "no_progress")
 # Flags the recipe fills in when they are not given.
 RECIPE_KEYS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "sample_every", "checkpoint_every",
                "loss_weighting", "prediction")
@@ -87,9 +91,10 @@ def merge_resume_config(cfg: dict, saved: dict, given: set[str], path: str) -> d
                              f"but this run asks for {key}={cfg[key]!r}; drop the flag to continue exactly")
         cfg[key] = saved[key]
     # Defaults that follow --model were resolved for the command line's (default) model, not the
-    # checkpoint's: take them from the checkpoint unless given.
-    for key in ("steps", "sampler"):
-        if key not in given:
+    # checkpoint's, and the run's own settings (how often it checkpoints and samples, how it is
+    # evaluated, its threads) were the user's choice: take them from the checkpoint unless given.
+    for key in ("steps", *RUN_KEYS):
+        if key not in given and key in saved:
             cfg[key] = saved[key]
     if cfg["world_size"] != saved["world_size"]:
         print(f"[resume] world size changed {saved['world_size']} -> {cfg['world_size']}: the data order "

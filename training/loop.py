@@ -125,7 +125,6 @@ def train(values: dict[str, Any], given: set[str]) -> dict[str, Any]:
 def prepare(values: dict[str, Any], given: set[str]) -> Run:
     """Devices, configuration, data, model, EMA, optimizer and scheduler; restored from --resume."""
     rank, world, _, local_world, device = setup_distributed(values["device"])
-    threads = set_threads(values["num_threads"], local_world)
     cfg = resolve_train_config(values, device, world)
     saved = None
     if cfg["resume"]:
@@ -139,6 +138,7 @@ def prepare(values: dict[str, Any], given: set[str]) -> Run:
             raise UsageError(f"--steps {cfg['steps']} is below the checkpoint's step {saved['step']}; "
                              f"give at least {saved['step']} (the checkpoint's run went to {saved['config']['steps']})")
     check_train_config(cfg)
+    threads = set_threads(cfg["num_threads"], local_world)  # after --resume: the run's own, unless given
     seed_everything(cfg["seed"])
     data = load_data(cfg, rank, world)
     model, diffusion = build(cfg, data[0], device)

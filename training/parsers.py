@@ -84,7 +84,8 @@ def add_train_flags(c: Command) -> None:
       help="images are resized to this square size: a multiple of the model's patch size (and of 4 when "
            "evaluating: the eval classifier pools twice)")
     a("--resume", type=existing_file, help="checkpoint to continue from (exactly: same data order, RNG and "
-                                           "optimizer state); a signal-stopped run says which")
+                                           "optimizer state; the run's flags unless given again); a "
+                                           "signal-stopped run says which")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="autocast dtype; auto: bf16 on CUDA")
     a("--compile", default="off", nargs="?", const="default", choices=COMPILE_MODES,
