@@ -113,6 +113,8 @@ BAD_INPUTS = [
          r"--resume .*: the checkpoint was trained with lr=0.001, but this run asks for lr=0.5"),
     Case("resume-fewer-steps", "--resume {ckpt} --steps 1 --data {data}",
          r"--steps 1 is below the checkpoint's step 2"),
+    Case("resume-weights-do-not-fit", "--resume {tmp}/mismatch.pt --data {data} --out {tmp}/out",
+         r"'.*mismatch.pt': the model weights do not fit the model its config builds"),
     # ---- --config files: the same checks, naming the file
     Case("config-missing", "--config {tmp}/nowhere.yaml", r"--config: '.*nowhere.yaml' does not exist"),
     Case("config-model-dit", "--config {config}",
@@ -156,6 +158,9 @@ BAD_INPUTS = [
     Case("sample-foreign-file", "sample --checkpoint {tmp}/foreign.pt", r"'.*foreign.pt' is not a training checkpoint"),
     Case("sample-checkpoint-without-keys", "sample --checkpoint {tmp}/empty.pt",
          r"'.*empty.pt' lacks \['config', 'run_info', 'step', 'model', 'ema'\]"),
+    Case("sample-weights-do-not-fit", "sample --checkpoint {tmp}/mismatch.pt",
+         r"'.*mismatch.pt': the ema weights do not fit the model its config builds \(size mismatch for "
+         r"x_embedder.weight: .*\); it was written by another version of models/ or its config was edited"),
     Case("sample-nan-weights", "sample --checkpoint {tmp}/nan.pt",
          r"'.*nan.pt': the ema weights hold non-finite values"),
     Case("sample-config-guidance-nan", "sample --checkpoint {ckpt} --config {config}",
@@ -166,6 +171,8 @@ BAD_INPUTS = [
     Case("eval-sampler-for-other-model", "eval --checkpoint {ckpt} --sampler euler",
          r"--sampler: sampler 'euler' does not fit model 'pixart'"),
     Case("eval-nan-weights", "eval --checkpoint {tmp}/nan.pt", r"the ema weights hold non-finite values"),
+    Case("eval-weights-do-not-fit", "eval --checkpoint {tmp}/mismatch.pt",
+         r"'.*mismatch.pt': the ema weights do not fit the model its config builds"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(Case("device-cuda-without-one", "--device cuda", r"--device cuda: no CUDA device is available"))
@@ -187,6 +194,9 @@ def inputs(tmp_path_factory, digit_folder):
     state = load_checkpoint(ckpt)
     state["ema"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["ema"].items()}
     save_checkpoint(state, tmp / "nan.pt")
+    state = load_checkpoint(ckpt)  # a config whose model the weights do not fit (models/ changed since, or edited)
+    state["config"]["model_overrides"]["hidden_size"] = 48
+    save_checkpoint(state, tmp / "mismatch.pt")
     return {"data": digit_folder, "ckpt": str(ckpt), "tmp": str(tmp)}
 
 

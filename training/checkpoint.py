@@ -200,6 +200,22 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], what: str, path: str 
                               f"{len(bad)} tensor(s), e.g. {bad[:3]}; use an earlier checkpoint")
 
 
+def load_state(target: Any, state: dict[str, Any], what: str, path: str | os.PathLike) -> None:
+    """``target.load_state_dict(state)`` (a module, optimizer or scheduler), with a state that does not
+    fit it (the model its config builds has other keys or shapes: models/ changed since the checkpoint was
+    written, or its config was edited) refused as a CheckpointError naming the file, not a traceback."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip().rstrip(".") for line in str(e).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3] if len(lines) > 1 else lines)
+        if len(lines) > 3:
+            detail += f"; ... ({len(lines) - 3} more)"
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: the {what} do not fit the model its config builds "
+                              f"({detail}); it was written by another version of models/ or its config was "
+                              f"edited") from None
+
+
 def rng_state() -> dict[str, Any]:
     """torch (CPU and every CUDA device), numpy and Python RNG states, as weights_only-safe data."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()

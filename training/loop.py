@@ -24,8 +24,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from models import build_model
 
 from .artifacts import save_grid, save_losses
-from .checkpoint import (check_finite_weights, load_checkpoint, nonfinite_tensors, remove_orphan_temp_files,
-                         rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (check_finite_weights, load_checkpoint, load_state, nonfinite_tensors,
+                         remove_orphan_temp_files, rng_state, save_checkpoint, set_rng_state)
 from .config import check_resumed_data, check_train_config, merge_resume_config, resolve_train_config
 from .data import ImageSet, StepBatches, load_dataset, to_model_range
 from .errors import RunFailed, UsageError
@@ -148,10 +148,10 @@ def prepare(values: dict[str, Any], given: set[str]) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     run = Run(cfg, device, rank, world, data, model, diffusion, ema, optimizer, scheduler)
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        load_state(model, saved["model"], "model weights", cfg["resume"])
+        load_state(ema, saved["ema"], "EMA weights", cfg["resume"])
+        load_state(optimizer, saved["optimizer"], "optimizer state", cfg["resume"])
+        load_state(scheduler, saved["scheduler"], "scheduler state", cfg["resume"])
         run.step, run.losses, run.train_time = saved["step"], list(saved["losses"]), saved["train_time_s"]
         run.last_checkpoint = cfg["resume"]
         if run.is_main:

@@ -16,7 +16,7 @@ from torch import nn
 from models import build_model
 
 from .artifacts import save_grid
-from .checkpoint import check_finite_weights, load_checkpoint
+from .checkpoint import check_finite_weights, load_checkpoint, load_state
 from .config import LEGACY_CONFIG
 from .diffusion import make_denoiser
 from .errors import RunFailed, UsageError
@@ -76,7 +76,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str, weights: str, device
     check_finite_weights(chosen, f"{weights} weights", path)
     model = build_model(cfg["model"], cfg["preset"], cfg["norm"], in_channels=info["in_channels"],
                         image_size=cfg["image_size"], **cfg["model_overrides"]).to(device)
-    model.load_state_dict(chosen)
+    load_state(model, chosen, f"{weights} weights", path)
     return model, make_diffusion(cfg["model"], model, cfg["image_size"], cfg["loss_weighting"], cfg["snr_gamma"],
                                  cfg["prediction"])
 
