@@ -174,3 +174,35 @@ def test_resume_keeps_the_runs_checkpoint_and_sample_intervals(tmp_path, digit_f
     state = load_checkpoint(out / "checkpoint.pt")
     assert (state["config"]["sample_every"], state["config"]["checkpoint_every"]) == (1, 1)
     assert state["config"]["eval_samples"] == 0 and state["config"]["sampling_steps"] == 2  # the run's, not 1000 / 50
+
+
+@pytest.mark.parametrize("model", ["pixart", "flux"])
+def test_resume_reproduces_every_state_bit_for_bit(tmp_path, digit_folder, model, monkeypatch):
+    """7 steps straight against 3 steps + --resume to 7, the resume inside the LR warm-up, with periodic
+    checkpoints and sample grids on the way (sampling must not disturb the training RNG): model, EMA,
+    optimizer moments, scheduler and losses are bitwise equal (same ops in the same order on the same
+    inputs, so there is no rounding to tolerate), and the learning rate each step ran with is AdamW's lr
+    times min(1, step / warmup), as --warmup-steps says."""
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    flags = ("--warmup-steps", "4", "--ema-decay", "0.9", "--sample-every", "2", "--cfg-dropout", "0.5")
+    run_train(tmp_path / "whole", model, "dyt", digit_folder, "--steps", "7", *flags)
+    straight, lrs[:] = list(lrs), []
+    part = tmp_path / "part"
+    run_train(part, model, "dyt", digit_folder, "--steps", "3", *flags)
+    train_mnist.run_command(["--resume", str(part / "out" / "checkpoint.pt"), "--steps", "7", "--data", digit_folder])
+    assert lrs == straight == pytest.approx([1e-3 * min(1, k / 4) for k in range(1, 8)], rel=1e-12)
+    a = load_checkpoint(tmp_path / "whole" / "out" / "checkpoint.pt")
+    b = load_checkpoint(part / "out" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 7 and a["losses"] == b["losses"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert [k for k in a[key] if not torch.equal(a[key][k], b[key][k])] == [], key
+    assert a["scheduler"] == b["scheduler"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][m], sb[i][m]) for i in sa for m in sa[i])
