@@ -106,12 +106,17 @@ def train(values: dict[str, Any], given: set[str]) -> dict[str, Any]:
     run = prepare(values, given)
     with handle_signals() as guard, guard.deferred():
         wall = run_steps(run, guard)
-    if run.world > 1:
-        dist.barrier()
-    if not run.is_main:
-        dist.destroy_process_group()
-        return {}
-    run.checkpoint()
+        if run.world > 1:
+            dist.barrier()
+        if not run.is_main:
+            dist.destroy_process_group()
+            return {}
+        # The last checkpoint is written with signals still deferred: a signal during the write lets it
+        # finish (the steps since the last periodic checkpoint are kept), then stops the run here.
+        path = run.checkpoint()
+        if guard.received:
+            raise Interrupted(guard.received, f"stopped by {Interrupted(guard.received).signal_name} after step "
+                                              f"{run.step}: checkpoint written to {path}", resume_from=path)
     run.sample_grid(grid_prompts(64, run.data[0].class_names, run.cfg["seed"]))
     cfg = run.cfg
     save_losses(run.losses, cfg["out"], f"{cfg['model']} / {cfg['norm']} / {cfg['preset']}")
