@@ -6,7 +6,8 @@ against norm=dyt, eager and under torch.compile, in bf16 autocast.
             (the prompts are encoded inside the step: the text encoder is trained with the model)
     sample  under no_grad: out = model(x, t, cond), cond encoded once beforehand, as a sampler does
 
-Modes (the optimizer step stays eager in all of them):
+Modes (the optimizer step stays eager in all of them; each compiled config starts from a reset dynamo,
+so it traces and compiles its own model):
     eager             the model as it is
     compiled          torch.compile(model): for DyT the forward reaches inductor as pointwise ops it fuses
                       into its neighbours, the backward is our kernel (the default compiled path)
@@ -247,6 +248,12 @@ def _compiled(model, mode: str, compile_backend: str):
 
 def bench_config(build, name: str, norm: str, mode: str, kind: str, args, device, amp_dtype,
                  compile_backend: str) -> dict:
+    if mode not in UNCOMPILED:
+        # A fresh dynamo per compiled config: its cache would otherwise hand this config's model (a
+        # new instance; guards check parameter metadata, not identity) a graph traced for an earlier
+        # config of the same structure, with no compile in first_step_s and that config's trace-time
+        # state (on torch < mid-2026 dyt_kernels reads use_backend at trace time, unguarded).
+        torch._dynamo.reset()
     torch.manual_seed(0)
     overrides = {**args.overrides.get(None, {}), **args.overrides.get(name, {})}
     model = build(name, preset=args.preset, norm=norm, in_channels=args.in_channels, image_size=args.image_size,
