@@ -211,7 +211,13 @@ def bench_provider(p: Provider, op: str, shape: tuple, dtype: torch.dtype, modes
     return rows
 
 
+def _timer_kind(row: dict) -> str:
+    return str(row.get("timer")).split("(")[0]
+
+
 def _speedups(rows: list[dict]) -> list[dict]:
+    """Baseline time / our time per (op, shape, dtype, mode); an entry whose two rows were timed by
+    different timers (a failed CUDA-graph capture's do_bench fallback) carries "timers"."""
     out = []
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
@@ -222,6 +228,8 @@ def _speedups(rows: list[dict]) -> list[dict]:
             if same and not b["ours"]:
                 out.append({"op": r["op"], "shape_name": r["shape_name"], "dtype": r["dtype"], "mode": r["mode"],
                             "baseline": b["provider"], "speedup": b["time_ms"] / r["time_ms"]})
+                if _timer_kind(b) != _timer_kind(r):   # a capture fell back to do_bench on one side only
+                    out[-1]["timers"] = [b.get("timer"), r.get("timer")]
         r["speedup_vs"] = {s["baseline"]: s["speedup"] for s in out
                            if all(s[k] == r[k] for k in ("op", "shape_name", "dtype", "mode"))}
     return out

@@ -172,6 +172,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+FALLBACK_MARK = " †"
+FALLBACK_NOTE = ("† timed with do_bench: its CUDA-graph capture failed (the JSON's timer_note says why), so at "
+                 "small shapes its time includes the host's launches, unlike the graph-replayed cells.")
+
+
 def _kernels_md(sec: dict) -> list[str]:
     rows = sec.get("rows", [])
     cfg = sec.get("config", {})
@@ -201,9 +206,12 @@ def _kernels_md(sec: dict) -> list[str]:
                     cells.append("skip" if r is None or r["status"] == "skipped" else "error")
                 else:
                     pct = f" · {r['pct_copy']:.0f}%" if r.get("pct_copy") is not None else ""
-                    cells.append(f"{_fmt_time(r['time_ms'])} · {_fmt_gbps(r['gbps'])}{pct}")
+                    cells.append(f"{_fmt_time(r['time_ms'])} · {_fmt_gbps(r['gbps'])}{pct}"
+                                 f"{FALLBACK_MARK if r.get('timer_note') else ''}")
             table.append(cells)
         lines += _table(["shape", "mode"] + [labels[p] for p in provs], table) + [""]
+        if any(r["status"] == "ok" and r.get("timer_note") for r in grp):
+            lines += [FALLBACK_NOTE, ""]
     lines += _predictions_md(sec)
     all_sp = sec.get("speedups", [])
     for op in dict.fromkeys(s["op"] for s in all_sp):
@@ -216,9 +224,12 @@ def _kernels_md(sec: dict) -> list[str]:
             for b in baselines:
                 s = next((s for s in sp if (s["shape_name"], s["dtype"], s["mode"]) == key and s["baseline"] == b),
                          None)
-                cells.append("-" if s is None else f"{s['speedup']:.2f}×")
+                cells.append("-" if s is None else f"{s['speedup']:.2f}×{FALLBACK_MARK if s.get('timers') else ''}")
             table.append(cells)
         lines += _table(["shape", "dtype", "mode"] + baselines, table) + [""]
+        if any(s.get("timers") for s in sp):
+            lines += [f"{FALLBACK_MARK.strip()} the two rows were timed differently (one's CUDA-graph capture failed): "
+                      "not a speedup.", ""]
     mem = [r for r in rows
            if r["status"] == "ok" and r["mode"] == "fwd_bwd" and r.get("peak_mem_extra_bytes") is not None]
     if mem:

@@ -45,3 +45,29 @@ def test_each_compiled_model_config_compiles_its_own_model(tmp_path):
     assert [r["status"] for r in sec["rows"]] == ["ok", "ok"], sec["rows"]
     assert built == ["pixart", "flux"]
     assert set(log) == {"pixart", "flux"}, f"graphs compiled per config: {log}"
+
+
+def test_a_row_timed_by_the_fallback_timer_is_marked_with_its_speedups():
+    """A provider whose CUDA-graph capture fails is timed with do_bench (its row's timer_note says so)
+    while the rest of its row is graph-replayed: at the seed's shapes do_bench times the host's
+    launches (a few µs a call beside a few µs of kernel), so a speedup across the two timers is not
+    a speedup. Before, the Markdown table and the speedup table showed such a pair like any other,
+    and the JSON's speedup entry did not say the timers differed."""
+    from bench import report
+    from bench.kernels import _speedups
+
+    def row(provider, ours, ms, timer, note=None):
+        return {"status": "ok", "op": "norm", "provider": provider, "label": provider, "ours": ours,
+                "shape_name": "mnist-seed", "shape": [16384, 384], "dtype": "bf16", "mode": "fwd", "time_ms": ms,
+                "gbps": 1.0, "pct_copy": 1.0, "timer": timer, "timer_note": note}
+    rows = [row("torch_layernorm", False, 0.010, "cuda_graph(rotate=4)"),
+            row("dyt_eager", False, 0.030, "do_bench"),   # the same fallback on both sides: comparable
+            row("ours", True, 0.030, "do_bench", "cuda graph capture failed (RuntimeError: x); timed with do_bench")]
+    rows[1]["timer_note"] = rows[2]["timer_note"]
+    sp = {s["baseline"]: s for s in _speedups(rows)}
+    assert sp["torch_layernorm"].get("timers") == ["cuda_graph(rotate=4)", "do_bench"]
+    assert "timers" not in sp["dyt_eager"]
+    text = "\n".join(report._kernels_md({"rows": rows, "speedups": list(sp.values())}))
+    assert "| mnist-seed | bf16 | fwd | 0.33× † | 1.00× |" in text, text
+    assert "| 10.0 µs · 1 · 1% | 30.0 µs · 1 · 1% † | 30.0 µs · 1 · 1% † |" in text, text
+    assert "† timed with do_bench" in text
