@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -83,6 +84,9 @@ def check_forward_args(x: Tensor, t: Tensor, cond, in_channels: int, patch_size:
         raise ValueError(f"x's height and width must be divisible by patch_size={patch_size}, got {tuple(x.shape)}")
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must be ({x.shape[0]},), one timestep per image, got {tuple(t.shape)}")
+    if cond.mask.dtype != torch.bool:
+        raise ValueError(f"cond.mask must be bool (True for real tokens, False for padding), got {cond.mask.dtype}: "
+                         f"a 0/1 float mask would be added to the attention logits, masking nothing")
     B, T = cond.mask.shape
     if B != x.shape[0] or cond.tokens.shape[:2] != (B, T) or cond.pooled.shape[0] != B:
         raise ValueError(f"cond must hold tokens ({x.shape[0]}, T, D_txt), mask ({x.shape[0]}, T) and pooled "

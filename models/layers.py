@@ -98,8 +98,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
     """Scaled dot-product attention over (B, H, L, d) heads -> (B, L, H*d).
 
     key_mask (B, Lk) bool marks the keys that may be attended to; every row needs at least one
-    (the text tokenizer always emits an end token, so even "" has one).
+    (the text tokenizer always emits an end token, so even "" has one). It must be bool: torch adds a
+    float mask to the logits, so a 0/1 float mask would mask nothing.
     """
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        raise ValueError(f"key_mask must be a bool tensor (True: may be attended to), got {key_mask.dtype}: "
+                         f"a float mask would be added to the attention logits instead of masking")
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return rearrange(out, "b h l d -> b l (h d)")

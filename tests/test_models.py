@@ -182,3 +182,23 @@ def test_forward_errors_name_the_argument(name):
         model(torch.randn(2, 1, 16, 16), timesteps(name, 3), cond)
     with pytest.raises(ValueError, match=r"cond must hold tokens \(3, T, D_txt\)"):
         model(torch.randn(3, 1, 16, 16), timesteps(name, 3), cond)
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_a_float_text_mask_is_refused_not_added_to_the_logits(name):
+    """TextEncoding.mask is bool (True: a real token). A plugged-in encoder handing a 0/1 float mask (as
+    Hugging Face tokenizers' attention_mask, cast) once ran: scaled_dot_product_attention adds a float mask
+    to the logits, so padding got +0 against the tokens' +1 and was attended to, with no error (outputs
+    differed from the bool mask's by ~1e-2 here). It is refused, naming the argument."""
+    from models import TextEncoding
+    model = randomize(tiny(name))
+    x, t = torch.randn(2, 1, 16, 16), timesteps(name, 2)
+    cond = model.encode_prompts(["7", "3"])
+    assert not cond.mask.all()  # there is padding to mask
+    for dtype in (torch.float32, torch.long):
+        bad = TextEncoding(cond.tokens, cond.mask.to(dtype), cond.pooled)
+        with pytest.raises(ValueError, match=rf"cond.mask must be bool .*got {dtype}"):
+            model(x, t, bad)
+    ids, mask = model.text_encoder.tokenizer(["7"])
+    with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
+        model.text_encoder.encode(ids, mask.float())
