@@ -56,7 +56,8 @@ class TextEncoder(Protocol):
 class Tokenizer:
     """Lower-cased, whitespace-split words -> ids, then an end token, padded to max_length.
 
-    Unknown words map to <unk>; the empty prompt (classifier-free guidance's null prompt) is just
+    Unknown words map to <unk>, and so do words spelling a special token ("<pad>", "<eos>": the mask
+    and the pooled end token are read from the ids); the empty prompt (classifier-free guidance's null prompt) is just
     <eos>, as in T5, so it still has one real token to attend to. Longer prompts are cut to
     max_length - 1 words before the end token.
 
@@ -75,11 +76,12 @@ class Tokenizer:
             raise ValueError(f"max_length must be at least 2 (one word and the end token), got {max_length}")
         self.vocab = tuple(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.words = {w: i for w, i in self.index.items() if w not in (PAD, EOS)}
         self.max_length = max_length
 
     def encode(self, prompt: str) -> list[int]:
         words = prompt.lower().split()[: self.max_length - 1]
-        return [self.index.get(w, self.index[UNK]) for w in words] + [self.index[EOS]]
+        return [self.words.get(w, self.index[UNK]) for w in words] + [self.index[EOS]]
 
     def __call__(self, prompts: Sequence[str], device=None) -> tuple[Tensor, Tensor]:
         """(ids (B, max_length) long, mask (B, max_length) bool)."""

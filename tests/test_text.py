@@ -72,3 +72,19 @@ def test_every_digit_numeral_and_word_is_a_known_token():
     tok = Tokenizer(max_length=2)
     ids, _ = tok([str(d) for d in range(10)] + list(DIGIT_WORDS))
     assert len(set(ids[:, 0].tolist())) == 20 and tok.index["<unk>"] not in ids[:, 0].tolist()
+
+
+def test_special_token_words_in_a_prompt_are_unknown_words():
+    """A prompt word spelling a special token ("<pad>", "<eos>") is an unknown word. "<pad>" once became the
+    pad id itself, so the mask (ids != pad) marked a real position as padding (attention skipped it) and
+    the pooled vector, taken at position mask.sum() - 1, was a word's state instead of the end token's:
+    "<pad> 7" pooled "7", and "<pad>" pooled the masked-out first position."""
+    tok = Tokenizer(max_length=4)
+    ids, mask = tok(["<pad> 7", "<pad>", "<eos> 7"])
+    eos, unk = tok.index["<eos>"], tok.index["<unk>"]
+    assert ids.tolist() == [[unk, tok.index["7"], eos, 0], [unk, eos, 0, 0], [unk, tok.index["7"], eos, 0]]
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, False], [True, True, True, False]]
+    model = tiny("flux")
+    enc = model.encode_prompts(["<pad> 7", "<pad>"])
+    torch.testing.assert_close(enc.pooled[0], enc.tokens[0, 2])  # the end token's state
+    torch.testing.assert_close(enc.pooled[1], enc.tokens[1, 1])
