@@ -228,12 +228,17 @@ def unpatchify(x: Tensor, patch_size: int, height: int, width: int) -> Tensor:
 
 
 def default_rope_axes(head_dim: int) -> list[int]:
-    """[head_dim - 2k, k, k] with k = 2*floor(3*head_dim/16): [16, 24, 24] for FLUX's seed head_dim 64.
+    """[head_dim - 2k, k, k] with k = 2*max(1, floor(3*head_dim/16)): [16, 24, 24] for FLUX's seed head_dim 64.
 
     Axis 0 (the image index) is 0 for every token here, so its channels are not rotated; the row and
-    column axes share the rest equally. Every axis needs an even size (channels rotate in pairs).
+    column axes share the rest equally, at least one channel pair each (head_dim 4: [0, 2, 2]; the
+    plain formula's [4, 0, 0] would rotate nothing and leave the image tokens without positions).
+    Every axis needs an even size (channels rotate in pairs), so head_dim 2 has no default.
     """
-    k = 2 * ((3 * head_dim) // 16)
+    if head_dim < 4:
+        raise ValueError(f"FLUX's default rope_axes need head_dim >= 4 (a channel pair each for rows and columns), "
+                         f"got head_dim={head_dim}; give rope_axes, or fewer heads")
+    k = 2 * max(1, (3 * head_dim) // 16)
     return [head_dim - 2 * k, k, k]
 
 

@@ -10,7 +10,7 @@ from models import FLUX_PRESETS
 from models.flux import BlockModulation, Modulation, SingleModulation
 from models.layers import (ModulatedLayerNorm, apply_rope, attention, image_position_ids, patchify, rope_angles,
                            split_heads, timestep_embedding, unpatchify)
-from tiny_models import assert_fused_matches_unfused, norm_then_modulate, tiny, timesteps
+from tiny_models import assert_fused_matches_unfused, norm_then_modulate, randomize, tiny, timesteps
 
 
 def norm_types(model):
@@ -116,3 +116,30 @@ def test_qk_starts_survive_reset_parameters():
         qk.weight.fill_(-1.0)
     qk.reset_parameters()
     assert qk.alpha.item() == 4.0 and set(qk.weight.tolist()) == {2.0}
+
+
+def test_default_rope_axes_always_encode_rows_and_columns():
+    """default_rope_axes gave head_dim 4 the axes [4, 0, 0]: every channel on axis 0, which is 0 for every
+    token, so nothing rotated and a FLUX with 2-channel-pair heads saw no image position at all (transposing
+    the patch grid only transposed the output). Rows and columns get 2 channels each at the least; head_dim 2
+    cannot hold both and is refused unless rope_axes are given."""
+    from models.layers import default_rope_axes
+    assert default_rope_axes(4) == [0, 2, 2]
+    assert [default_rope_axes(d) for d in (6, 8, 32, 64)] == [[2, 2, 2], [4, 2, 2], [8, 12, 12], [16, 24, 24]]
+    torch.manual_seed(0)
+    model = randomize(tiny("flux", "layernorm", hidden_size=8, num_heads=2)).double()
+    assert model.rope_axes == [0, 2, 2]
+    x, t = torch.randn(2, 1, 16, 16, dtype=torch.float64), timesteps("flux", 2)
+    with torch.no_grad():
+        cond = model.encode_prompts(["7", "3"])
+        # A position-blind model maps the patch-transposed image to the patch-transposed output.
+        blind = unpatchify(patchify(model(x, t, cond), 4).unflatten(1, (4, 4)).transpose(1, 2).flatten(1, 2), 4, 16, 16)
+        blind_input = unpatchify(patchify(x, 4).unflatten(1, (4, 4)).transpose(1, 2).flatten(1, 2), 4, 16, 16)
+        moved = model(blind_input, t, cond)
+    assert blind.abs().max() > 1e-3  # a zero output would compare equal whatever the positions
+    # Position-blind (the old [4, 0, 0]), the two agree to float64 rounding (2e-16 here); with positions they
+    # differ by 4e-4 (std-0.1 weights keep the logits, and so RoPE's effect, small): 1e-9 splits the two.
+    assert (moved - blind).abs().max() > 1e-9 * blind.abs().max()
+    with pytest.raises(ValueError, match="head_dim=2"):
+        tiny("flux", hidden_size=4, num_heads=2)
+    assert tiny("flux", hidden_size=4, num_heads=2, rope_axes=[0, 2, 0]).rope_axes == [0, 2, 0]
