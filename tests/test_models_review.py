@@ -6,8 +6,9 @@ the DyT models differ only in the norm, which test_pixart/test_flux check agains
 import pytest
 import torch
 
+from models import TextEncoding
 from models.layers import image_position_ids, patchify, sincos_2d, unpatchify
-from tiny_models import randomize, tiny
+from tiny_models import randomize, tiny, timesteps
 
 diffusers = pytest.importorskip("diffusers")
 D, H, P = 32, 2, 4  # tiny_models' hidden size, heads and patch
@@ -120,3 +121,22 @@ def test_flux_matches_diffusers():
     # their ~1e-7 relative differences reach the output through the (weak, std-0.1 weights) attention as ~1e-10
     # observed; a wiring mistake is O(0.1). 1e-7 leaves room for fp32 rotation rounding and catches any mistake.
     torch.testing.assert_close(ours, unpatchify(out, P, 16, 16), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["dyt", "layernorm"])
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_padding_changes_nothing(name, norm):
+    """The same prompts with 5 padding slots or none (cond cut to the longest prompt's real tokens) give the
+    same images: padding is masked out of every attention (text encoder, cross / joint attention)."""
+    torch.manual_seed(0)
+    model = randomize(tiny(name, norm, text_len=8)).double()
+    x, t = torch.randn(2, 1, 16, 16, dtype=torch.float64), timesteps(name, 2)
+    with torch.no_grad():
+        cond = model.encode_prompts(["7", "a 3"])
+        n = int(cond.mask.sum(1).max())
+        assert n == 3
+        cut = TextEncoding(cond.tokens[:, :n], cond.mask[:, :n], cond.pooled)
+        padded, unpadded = model(x, t, cond), model(x, t, cut)
+    assert padded.abs().max() > 0.1
+    # float64; the only difference is exp(-inf) = 0 terms in softmax sums: 8e-16 observed.
+    torch.testing.assert_close(padded, unpadded, rtol=1e-12, atol=1e-12)
