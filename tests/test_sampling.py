@@ -93,3 +93,29 @@ def test_prompts_the_model_does_not_know_are_refused_by_name(tmp_path, flux_chec
 def test_sampler_must_fit_the_checkpoints_model(tmp_path, flux_checkpoint):
     with pytest.raises(UsageError, match="--sampler: sampler 'ddim' does not fit model 'flux'.*euler"):
         sample(flux_checkpoint, tmp_path, "--sampler", "ddim")
+
+
+def test_a_checkpoint_is_rebuilt_as_trained_after_its_preset_changes(tmp_path, digit_folder, monkeypatch, capsys):
+    """A preset edited after a checkpoint was written (here FLUX small's rope_theta, which changes no
+    tensor shape, so the weights would load without complaint): sampling and resuming build the model
+    the checkpoint recorded, and say the preset has changed. Before, they built the preset's current
+    model and computed with the old weights in it, silently. A checkpoint from before the settings were
+    recorded builds from the current preset, as it always did."""
+    from models import FLUX_PRESETS
+    from training.sampling import model_from_checkpoint
+    run_train(tmp_path, "flux", "dyt", digit_folder, "--steps", "2")
+    path = str(tmp_path / "out" / "checkpoint.pt")
+    trained = FLUX_PRESETS["small"]["rope_theta"]
+    state = load_checkpoint(path)
+    assert state["config"]["model_settings"]["rope_theta"] == trained
+    monkeypatch.setitem(FLUX_PRESETS["small"], "rope_theta", trained / 20)
+    capsys.readouterr()
+    model, _ = model_from_checkpoint(state, path, "ema", torch.device("cpu"))
+    assert model.rope_theta == trained
+    err = capsys.readouterr().err
+    assert "preset has changed" in err and f"rope_theta {trained!r} -> {trained / 20!r}" in err
+    legacy = {**state, "config": {k: v for k, v in state["config"].items() if k != "model_settings"}}
+    assert model_from_checkpoint(legacy, path, "ema", torch.device("cpu"))[0].rope_theta == trained / 20
+    run_train(tmp_path, "flux", "dyt", digit_folder, "--steps", "3", "--resume", path)
+    assert "preset has changed" in capsys.readouterr().err
+    assert load_checkpoint(path)["config"]["model_settings"]["rope_theta"] == trained

@@ -196,6 +196,7 @@ def inputs(tmp_path_factory, digit_folder):
     save_checkpoint(state, tmp / "nan.pt")
     state = load_checkpoint(ckpt)  # a config whose model the weights do not fit (models/ changed since, or edited)
     state["config"]["model_overrides"]["hidden_size"] = 48
+    state["config"]["model_settings"]["hidden_size"] = 48   # (the settings the model is rebuilt from)
     save_checkpoint(state, tmp / "mismatch.pt")
     return {"data": digit_folder, "ckpt": str(ckpt), "tmp": str(tmp)}
 

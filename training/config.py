@@ -22,9 +22,10 @@ from .runtime import check_compile_mode
 TRAJECTORY_KEYS = ("model", "norm", "preset", "batch_size", "lr", "warmup_steps", "weight_decay", "ema_decay",
                    "loss_weighting", "snr_gamma", "prediction",
                    "grad_clip", "cfg_dropout", "seed", "data", "labels_file", "image_size", "model_overrides",
-                   "precision")
-# Keys a checkpoint written before they existed lacks, with the value those runs used.
-LEGACY_CONFIG = {"prediction": "eps", "labels_file": None}
+                   "model_settings", "precision")
+# Keys a checkpoint written before they existed lacks, with the value those runs used (model_settings:
+# None, the model is built from the preset as the code defines it now, plus the overrides).
+LEGACY_CONFIG = {"prediction": "eps", "labels_file": None, "model_settings": None}
 # What a run records of the data it trained on (run_info), compared when it is resumed.
 DATA_IDENTITY = ("data_source", "train_examples", "heldout_examples", "class_names", "in_channels")
 # Settings of a run that do not shape its trajectory; a resumed run keeps the checkpoint's unless given.
@@ -46,6 +47,7 @@ def resolve_train_config(values: dict[str, Any], device: torch.device, world: in
         if cfg[key] is None:
             cfg[key] = recipe_value(preset, key, model)
     cfg["model_overrides"] = {**recipe_value(preset, "model_overrides", model), **dict(values["model_override"] or [])}
+    cfg["model_settings"] = resolved_model_settings(cfg)
     cfg["precision"] = values["precision"] if values["precision"] != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     cfg["sampler"] = values["sampler"] or MODELS[model].default_sampler
@@ -54,6 +56,29 @@ def resolve_train_config(values: dict[str, Any], device: torch.device, world: in
     cfg["world_size"] = world
     check_compile_mode(cfg["compile"], device)
     return cfg
+
+
+def resolved_model_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of the model's preset as the code defines it now, with the run's overrides: what a
+    checkpoint records, so it is rebuilt as it was trained even after a preset changes."""
+    return {**PRESETS[cfg["model"]][cfg["preset"]], **cfg["model_overrides"]}
+
+
+def model_settings(cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    """The settings to build a checkpoint's model with (keyword arguments of models.build_model after
+    its name, preset and norm): those it recorded; for a checkpoint written before they were recorded,
+    the preset's current ones with its overrides. Says so on stderr where the preset has changed
+    since: the model is the one the checkpoint was trained as, not the preset's current one."""
+    saved = cfg.get("model_settings")
+    if saved is None:
+        return dict(cfg["model_overrides"])
+    current = resolved_model_settings(cfg)
+    changed = [f"{k} {saved[k]!r} -> {current.get(k, '(gone)')!r}" for k in saved if current.get(k, saved) != saved[k]]
+    changed += [f"{k} (new) {current[k]!r}" for k in current if k not in saved]
+    if changed:
+        print(f"[checkpoint] {path}: the {cfg['preset']} {cfg['model']} preset has changed since this checkpoint "
+              f"was written ({'; '.join(changed)}); building the model it was trained as", file=sys.stderr)
+    return {k: v for k, v in saved.items() if k in current}
 
 
 def check_train_config(cfg: dict[str, Any]) -> None:

@@ -26,7 +26,8 @@ from models import build_model
 from .artifacts import save_grid, save_losses
 from .checkpoint import (check_finite_weights, load_checkpoint, load_state, nonfinite_tensors,
                          remove_orphan_temp_files, rng_state, save_checkpoint, set_rng_state)
-from .config import check_resumed_data, check_train_config, merge_resume_config, resolve_train_config
+from .config import (check_resumed_data, check_train_config, merge_resume_config, model_settings,
+                     resolve_train_config)
 from .data import ImageSet, StepBatches, load_dataset, to_model_range
 from .errors import RunFailed, UsageError
 from .evaluate import run_info, write_metrics
@@ -185,7 +186,7 @@ def build(cfg: dict[str, Any], train_set: ImageSet, device: torch.device):
     """(model, diffusion process); a model configuration its constructor refuses is a usage error."""
     try:
         model = build_model(cfg["model"], cfg["preset"], cfg["norm"], in_channels=train_set.channels,
-                            image_size=cfg["image_size"], **cfg["model_overrides"])
+                            image_size=cfg["image_size"], **model_settings(cfg, cfg.get("resume") or cfg["out"]))
     except (ValueError, TypeError) as e:
         raise UsageError(f"--model-override {cfg['model_overrides']} on the {cfg['preset']} {cfg['model']} "
                          f"preset: {e}") from None

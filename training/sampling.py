@@ -17,7 +17,7 @@ from models import build_model
 
 from .artifacts import save_grid
 from .checkpoint import check_finite_weights, load_checkpoint, load_state
-from .config import LEGACY_CONFIG
+from .config import LEGACY_CONFIG, model_settings
 from .diffusion import make_denoiser
 from .errors import RunFailed, UsageError
 from .prompts import PromptError, grid_prompts, parse_prompt_list
@@ -75,7 +75,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str, weights: str, device
     chosen = ema_weights(state["ema"]) if weights == "ema" else state["model"]
     check_finite_weights(chosen, f"{weights} weights", path)
     model = build_model(cfg["model"], cfg["preset"], cfg["norm"], in_channels=info["in_channels"],
-                        image_size=cfg["image_size"], **cfg["model_overrides"]).to(device)
+                        image_size=cfg["image_size"], **model_settings(cfg, path)).to(device)
     load_state(model, chosen, f"{weights} weights", path)
     return model, make_diffusion(cfg["model"], model, cfg["image_size"], cfg["loss_weighting"], cfg["snr_gamma"],
                                  cfg["prediction"])
