@@ -1,6 +1,7 @@
 """Evaluation of generated digits: a small CNN classifier, conditional accuracy, and a feature FID.
 
-The classifier is trained once per dataset and cached (``<data-dir>/classifier-<source>-<size>.pt``).
+The classifier is trained once per dataset and cached (``<data-dir>/classifier-<source>-<size>.pt``,
+reused only for the same classes, counts, size and image contents).
 Conditional accuracy is the share of generated images that it assigns to the prompted label. The
 FID is the Frechet distance between Gaussians fitted to its penultimate-layer features (128-d) of
 generated and of real held-out images: Inception features mean nothing on 32x32 digits, and a
@@ -9,6 +10,7 @@ runs of this project with each other, not with published ImageNet FIDs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -164,16 +166,27 @@ def classifier_cache_path(data_dir: str, source: str, image_size: int) -> str:
     return os.path.join(data_dir, f"classifier-{key}-{image_size}.pt")
 
 
+def data_fingerprint(*sets: ImageSet) -> str:
+    """SHA-256 of the images and labels of `sets`: a folder whose images were replaced by others of the
+    same count and classes has another fingerprint (~0.1 s for MNIST's 70,000 digits)."""
+    digest = hashlib.sha256()
+    for s in sets:
+        for t in (s.images, s.labels):
+            digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_or_train_classifier(train: ImageSet, test: ImageSet, data_dir: str, device="cpu",
                              log: bool = True) -> tuple[DigitClassifier, float, str]:
     """The cached classifier for this dataset, training and caching it first if needed.
 
     Returns (classifier in eval mode, its held-out accuracy, cache path). A cache written for other
-    data (other classes, channels or size) or unreadable is retrained, with a notice.
+    data (other classes, channels, size or contents) or unreadable is retrained, with a notice.
     """
     path = classifier_cache_path(data_dir, train.source, train.image_size)
     expect = {"source": train.source, "class_names": list(train.class_names), "in_channels": train.channels,
-              "image_size": train.image_size, "num_train": len(train), "num_heldout": len(test)}
+              "image_size": train.image_size, "num_train": len(train), "num_heldout": len(test),
+              "data_sha256": data_fingerprint(train, test)}
     if os.path.exists(path):
         try:
             state = load_checkpoint(path)
