@@ -3,7 +3,8 @@
 functional.py looks a call up here before anything else: a call whose tensors match a signature
 skips the checks and reuses the launches its first call worked out (ops/dyt.py, ops/modulate.py).
 A signature is everything those depend on, for every tensor argument: Python type, layout and
-device (type and index), dtype, shape, strides, the lazy negative and conjugate bits, requires_grad.
+device (type and index), dtype, shape, strides, the lazy negative and conjugate bits, requires_grad,
+and whether it is a functorch wrapper (which torch's guard sees in the dispatch keys).
 Matching is one C call per candidate: torch's TensorGuards (torch._C._dynamo.guards; the per-tensor
 check torch.compile's tensor guards run), ~0.27 us for dyt's four tensors against ~1.7 us
 for building and hashing the same facts as a tuple in Python. Where that class is missing or does
