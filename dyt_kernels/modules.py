@@ -176,13 +176,23 @@ class ModulatedDyT(nn.Module):
         self.hidden_size = hidden_size
         self.alpha_init_value = check_finite("alpha_init_value", alpha_init_value)
         factory = {"device": device, "dtype": dtype}
-        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init_value, **factory))
+        self.alpha = nn.Parameter(torch.empty((1,), **factory))
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(hidden_size, **factory))
-            self.bias = nn.Parameter(torch.zeros(hidden_size, **factory))
+            self.weight = nn.Parameter(torch.empty(hidden_size, **factory))
+            self.bias = nn.Parameter(torch.empty(hidden_size, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """alpha = alpha_init_value, weight = 1, bias = 0: where the constructor starts them, and what
+        deferred init (meta device, to_empty, then every module's reset_parameters) relies on."""
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init_value)
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+                self.bias.zero_()
 
     def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None) -> Any:

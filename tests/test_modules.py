@@ -354,3 +354,32 @@ def test_layernorm_state_into_dyt_warns_under_strict_false(device):
     with pytest.warns(DyTCheckpointWarning, match="no 'alpha'"):
         norm.load_state_dict(state, strict=False)
     assert norm.alpha.item() == 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# API review: meta-device init, LayerNorm checkpoints, flag types, use_backend across threads.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_modulated_dyt_reset_parameters_after_meta_init(affine, device):
+    """Deferred init (build on meta, to_empty, then reset_parameters wherever a module has one)
+    gives ModulatedDyT its documented start, as DyT and every torch layer get theirs (FSDP's
+    meta-device materialization calls it on every module with parameters, and raised here). Before, ModulatedDyT had no
+    reset_parameters: such a loop skipped it and alpha, weight and bias kept to_empty's garbage."""
+    norm = ModulatedDyT(8, elementwise_affine=affine, alpha_init_value=0.7, device="meta")
+    model = nn.Sequential(norm).to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(123.0)   # what to_empty's uninitialized memory may hold
+    for m in model.modules():
+        if callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+    assert torch.equal(norm.alpha, torch.full((1,), 0.7, device=device))
+    if affine:
+        assert torch.equal(norm.weight, torch.ones(8, device=device))
+        assert torch.equal(norm.bias, torch.zeros(8, device=device))
+    else:
+        assert norm.weight is None and norm.bias is None
+    # and a fresh module starts where reset_parameters puts it
+    fresh = ModulatedDyT(8, elementwise_affine=affine, alpha_init_value=0.7, device=device)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), norm.parameters()))
