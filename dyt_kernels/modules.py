@@ -184,6 +184,7 @@ class ModulatedDyT(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_warn_on_layernorm_state)
 
     def reset_parameters(self) -> None:
         """alpha = alpha_init_value, weight = 1, bias = 0: where the constructor starts them, and what

@@ -383,3 +383,14 @@ def test_modulated_dyt_reset_parameters_after_meta_init(affine, device):
     # and a fresh module starts where reset_parameters puts it
     fresh = ModulatedDyT(8, elementwise_affine=affine, alpha_init_value=0.7, device=device)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), norm.parameters()))
+
+
+def test_modulated_dyt_warns_on_layernorm_state_under_strict_false(device):
+    """A ModulatedDyT is a DyT: loading a state dict with its weight but no alpha (an affine
+    LayerNorm's) under strict=False warns as DyT does; before, alpha kept its init silently."""
+    from dyt_kernels import DyTCheckpointWarning
+    model = nn.Sequential(ModulatedDyT(8, elementwise_affine=True, device=device))
+    state = nn.Sequential(nn.LayerNorm(8, device=device)).state_dict()
+    with pytest.warns(DyTCheckpointWarning, match=r"'0\.weight' but no '0\.alpha'"):
+        model.load_state_dict(state, strict=False)
+    assert model[0].alpha.item() == 0.5
