@@ -22,6 +22,15 @@ def _shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def _flag(name: str, value: object) -> bool:
+    """A DyT-only switch: True or False (a numpy bool too), as dyt's channels_last. A string from a
+    config ("False") is truthy, and would silently pick the other layout or alpha shape."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if value is True or value is False or numpy_bool:
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_dtype(dtype) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (the parameters are trained), got {dtype!r}")
@@ -90,6 +99,8 @@ class DyT(nn.Module):
         super().__init__()
         self.normalized_shape = _shape_tuple(normalized_shape)
         _check_dtype(dtype)
+        channels_last, alpha_per_channel = _flag("channels_last", channels_last), _flag("alpha_per_channel",
+                                                                                        alpha_per_channel)
         if not channels_last and len(self.normalized_shape) != 1:
             raise ValueError(f"channels_last=False normalizes one dim (C); normalized_shape must be an int, "
                              f"got {normalized_shape!r}")

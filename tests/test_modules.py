@@ -394,3 +394,21 @@ def test_modulated_dyt_warns_on_layernorm_state_under_strict_false(device):
     with pytest.warns(DyTCheckpointWarning, match=r"'0\.weight' but no '0\.alpha'"):
         model.load_state_dict(state, strict=False)
     assert model[0].alpha.item() == 0.5
+
+
+@pytest.mark.parametrize("flag", ["channels_last", "alpha_per_channel"])
+@pytest.mark.parametrize("value", ["False", "false", 0, None], ids=repr)
+def test_dyt_flags_must_be_bools(flag, value):
+    """channels_last and alpha_per_channel (DyT's own flags, no LayerNorm code passes them) are True
+    or False, as dyt's channels_last is. Before, a string read from a config ("False") was truthy:
+    DyT(6, channels_last="False") normalized the last dim of an (N, 6, H, 6) tensor with per-channel
+    weights, silently, and alpha_per_channel="false" made a per-channel alpha."""
+    with pytest.raises(TypeError, match=rf"{flag} must be True or False, got {value!r}"):
+        DyT(6, **{flag: value})
+
+
+def test_dyt_flags_accept_numpy_bools():
+    np = pytest.importorskip("numpy")
+    norm = DyT(6, channels_last=np.bool_(False), alpha_per_channel=np.bool_(True))
+    assert norm.channels_last is False and norm.alpha_per_channel is True
+    assert norm.alpha.shape == (6,)
