@@ -412,3 +412,32 @@ def test_dyt_flags_accept_numpy_bools():
     norm = DyT(6, channels_last=np.bool_(False), alpha_per_channel=np.bool_(True))
     assert norm.channels_last is False and norm.alpha_per_channel is True
     assert norm.alpha.shape == (6,)
+
+
+def test_use_backend_is_per_thread_and_per_task(monkeypatch):
+    """use_backend is a ContextVar (README, backend.py): asyncio tasks created inside the block see it,
+    a thread started inside it does not (it sees DYT_KERNELS_BACKEND, else "auto"), unless it runs
+    in a copy of the context or enters use_backend itself. Pins the documented semantics."""
+    import asyncio
+    import contextvars
+    import threading
+    monkeypatch.delenv("DYT_KERNELS_BACKEND", raising=False)
+    seen = {}
+
+    async def task():
+        return get_backend()
+
+    with use_backend("torch"):
+        plain = threading.Thread(target=lambda: seen.setdefault("thread", get_backend()))
+        ctx = contextvars.copy_context()
+        copied = threading.Thread(target=lambda: ctx.run(lambda: seen.setdefault("copied", get_backend())))
+        for t in (plain, copied):
+            t.start()
+            t.join()
+        seen["task"] = asyncio.run(task())
+    assert seen == {"thread": "auto", "copied": "torch", "task": "torch"}
+    monkeypatch.setenv("DYT_KERNELS_BACKEND", "torch")
+    t = threading.Thread(target=lambda: seen.setdefault("env", get_backend()))
+    t.start()
+    t.join()
+    assert seen["env"] == "torch"
