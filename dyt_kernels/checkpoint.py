@@ -42,11 +42,12 @@ def _convert_for(model: nn.Module, alpha_state: Mapping[str, Tensor], fuse_modul
 
 
 def _homeless_alphas(model: nn.Module, alpha_state: Mapping[str, Tensor]) -> list[str]:
-    from .modules import DyT
+    """The alphas with no DyT or ModulatedDyT (the models' adaLN norms) at their names."""
+    from .modules import DyT, ModulatedDyT
 
     modules = dict(model.named_modules(remove_duplicate=False))
     return [key for name, key in _alpha_owners(alpha_state).items()
-            if not isinstance(modules.get(name), DyT)]
+            if not isinstance(modules.get(name), (DyT, ModulatedDyT))]
 
 
 def _warn_homeless(homeless: list[str], what: str) -> None:
@@ -60,14 +61,14 @@ def _warn_affine_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     """A DyT whose alpha the state dict has, but not the weight or bias the DyT holds: under strict=False
     the DyT keeps the model's own values. A state dict saved after fold_dyt_affine is like that, and
     its Linears already hold the affine, which the model would then apply twice."""
-    from .modules import DyT
+    from .modules import DyT, ModulatedDyT
 
     modules = dict(model.named_modules(remove_duplicate=False))
     lacking = []
     for name, key in _alpha_owners(state_dict).items():
         dyt = modules.get(name)
         prefix = name + "." if name else ""
-        if isinstance(dyt, DyT):
+        if isinstance(dyt, (DyT, ModulatedDyT)):
             lacking += [f"{key} (no '{prefix}{attr}')" for attr in ("weight", "bias")
                         if getattr(dyt, attr) is not None and prefix + attr not in state_dict]
     if lacking:

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 from torch import nn
 
 from dyt_kernels import DyTCheckpointWarning, ModulatedDyT, load_dyt_state_dict
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint._homeless_alphas counts only DyT as an alpha's home, so a "
-                                       "ModulatedDyT's alpha is reported DROPPED although it loads; the fix "
-                                       "belongs in dyt_kernels/checkpoint.py")
 def test_load_dyt_state_dict_does_not_call_a_modulated_dyt_alpha_dropped():
     """load_dyt_state_dict into a model that holds a ModulatedDyT (the project's models with
     norm="dyt"): its alpha loads, and no warning says it was dropped."""
