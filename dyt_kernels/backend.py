@@ -5,11 +5,14 @@
          test suite runs the kernels on machines without a GPU.
 "torch"  plain PyTorch everywhere (a parity baseline, or a way around a suspected kernel bug).
 
-The default comes from the environment variable DYT_KERNELS_BACKEND; `use_backend` overrides it for
-a block. The override is a ContextVar: asyncio tasks created inside the block see it, a thread started
-inside it does not (a new thread starts from an empty context, so it reads DYT_KERNELS_BACKEND, else
-"auto"; nn.DataParallel's replica threads and thread pools are such threads). Run the thread's work in
-`contextvars.copy_context().run`, or enter use_backend in the thread. Under torch.compile the choice is read when the graph is traced; where torch's dynamo traces
+The default comes from the environment variable DYT_KERNELS_BACKEND (set to "" it counts as unset,
+as TRITON_INTERPRET="" does); `use_backend` overrides it for a block. The override is a ContextVar:
+asyncio tasks created inside the block see it, a thread started inside it does not (a new thread
+starts from an empty context, so it reads DYT_KERNELS_BACKEND, else "auto"; nn.DataParallel's replica
+threads and thread pools are such threads). Run the thread's work in `contextvars.copy_context().run`,
+or enter use_backend in the thread.
+
+Under torch.compile the choice is read when the graph is traced; where torch's dynamo traces
 `ContextVar.get` (it guards on the value: a graph traced under one backend is retraced under another)
 that is all. Older dynamo cannot trace it (a graph break, which fullgraph=True refuses), so there the
 value is read once at trace time as a constant: a graph compiled under one backend keeps it until
@@ -64,7 +67,7 @@ def get_backend() -> str:
     if name is not None:
         return name
     env = _env_backend()
-    return "auto" if env is None else _check_name(env, _ENV_NAME)
+    return "auto" if not env else _check_name(env, _ENV_NAME)
 
 
 def _override_at_trace_time() -> str | None:
@@ -81,7 +84,7 @@ def traced_backend() -> str:
     if name is not None:
         return name
     env = _env_backend()
-    return "auto" if env is None else _check_name(env, _ENV_NAME)
+    return "auto" if not env else _check_name(env, _ENV_NAME)
 
 
 @contextlib.contextmanager

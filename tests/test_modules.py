@@ -277,6 +277,14 @@ def test_env_var_selects_backend(env, uses_reference, monkeypatch, reference_cal
         assert get_backend() == "torch"
 
 
+def test_an_empty_env_var_counts_as_unset(monkeypatch):
+    """DYT_KERNELS_BACKEND= (set to nothing, the shell's way to clear it for one command) is "auto", as
+    an empty TRITON_INTERPRET is off; before, it was refused as a backend named ''."""
+    from dyt_kernels.backend import traced_backend
+    monkeypatch.setenv("DYT_KERNELS_BACKEND", "")
+    assert get_backend() == "auto" and traced_backend() == "auto"
+
+
 def test_auto_on_cpu_uses_torch_path(monkeypatch, reference_calls):
     monkeypatch.delenv("DYT_KERNELS_BACKEND", raising=False)
     with use_backend("auto"):
