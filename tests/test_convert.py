@@ -18,6 +18,7 @@ from torch import nn
 
 from dyt_kernels import (DyT, DyTCheckpointWarning, conversion_report, convert_layernorm_to_dyt, fold_dyt_affine,
                          load_dyt_state_dict, load_pretrained_dyt, use_backend)
+from dyt_kernels.backend import INTERPRETER
 from helpers import FP32_EPS, assert_close_3way, max_abs, max_abs_err
 from library_models import (CASES, cast_inputs, dyt_formula, hand_built_dyt, main_output, randomize_,
                             randomize_norms_)
@@ -337,6 +338,8 @@ def test_library_model_matches_float64_dyt(name):
     assert_close_3way(f"{name} output after a step", out, ref, naive, _atol(ref))
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="runs the kernels on CPU tensors through the Triton interpreter "
+                    "(with a GPU, TRITON_INTERPRET is unset and the Triton backend refuses CPU tensors)")
 @pytest.mark.parametrize("name,fuse", [("timm_convnext", False), ("pixart", True), ("dit", True), ("llama", False)])
 def test_library_model_on_triton_interpreter(name, fuse):
     case, classes, model, inputs = _build_case(name)
