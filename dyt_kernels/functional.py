@@ -218,8 +218,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         if _subclass_among((*checked[1:], checked_alpha)):
             (x, shift, scale, weight, bias, residual, gate), alpha = checked, checked_alpha
             return reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
-        if (type(x) is Tensor or type(x) is Parameter) and all(
-                a is b for a, b in zip((*checked, checked_alpha), (x, shift, scale, weight, bias, residual, gate, alpha))):
+        given = (x, shift, scale, weight, bias, residual, gate, alpha)
+        if (type(x) is Tensor or type(x) is Parameter) and all(a is b for a, b in zip((*checked, checked_alpha), given)):
             # [forward call, {has_dr: backward call}, whether the launches read every tensor in place]
             # (ops/modulate.py fills the calls)
             in_place = (all(t is None or t.is_contiguous() for t in (x, alpha, weight, bias, residual))

@@ -73,7 +73,8 @@ def model_settings(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     if saved is None:
         return dict(cfg["model_overrides"])
     current = resolved_model_settings(cfg)
-    changed = [f"{k} {saved[k]!r} -> {current.get(k, '(gone)')!r}" for k in saved if current.get(k, saved) != saved[k]]
+    changed = [f"{k} {v!r} -> (gone)" if k not in current else f"{k} {v!r} -> {current[k]!r}"
+               for k, v in saved.items() if k not in current or current[k] != v]
     changed += [f"{k} (new) {current[k]!r}" for k in current if k not in saved]
     if changed:
         print(f"[checkpoint] {path}: the {cfg['preset']} {cfg['model']} preset has changed since this checkpoint "
