@@ -42,12 +42,10 @@ def _convert_for(model: nn.Module, alpha_state: Mapping[str, Tensor], fuse_modul
 
 
 def _homeless_alphas(model: nn.Module, alpha_state: Mapping[str, Tensor]) -> list[str]:
-    """The alphas with no DyT or ModulatedDyT (the models' adaLN norms) at their names."""
-    from .modules import DyT, ModulatedDyT
-
-    modules = dict(model.named_modules(remove_duplicate=False))
-    return [key for name, key in _alpha_owners(alpha_state).items()
-            if not isinstance(modules.get(name), (DyT, ModulatedDyT))]
+    """The alphas the converted model has no place for: no DyT or ModulatedDyT at their names, and no
+    other module there that holds an ``alpha`` of its own (a Snake activation's, a ReZero gate's)."""
+    keys = model.state_dict(keep_vars=True).keys()
+    return [key for key in alpha_state if key not in keys]
 
 
 def _warn_homeless(homeless: list[str], what: str) -> None:
@@ -85,7 +83,9 @@ def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, s
     The norms that have an ``alpha`` in ``state_dict`` become DyT (per-channel where that alpha is),
     then every tensor loads with ``strict``. An alpha that finds no DyT warns (DyTCheckpointWarning)
     instead of vanishing, and so, under strict=False, does an alpha whose DyT's weight or bias the state
-    dict lacks (one saved after fold_dyt_affine). Returns the model (if ``model`` is itself a norm, its replacement).
+    dict lacks (one saved after fold_dyt_affine). Returns the model (if ``model`` is itself a norm, its
+    replacement); the missing and unexpected keys that torch returns under strict=False are named in a
+    DyTCheckpointWarning instead.
 
     >>> import torch
     >>> from dyt_kernels import convert_layernorm_to_dyt, load_dyt_state_dict
@@ -97,11 +97,22 @@ def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, s
     """
     alpha_state = {k: state_dict[k] for k in _alpha_owners(state_dict).values()}
     model = _convert_for(model, alpha_state, fuse_modulation)
-    _warn_homeless(_homeless_alphas(model, alpha_state), "the state dict")
+    homeless = _homeless_alphas(model, alpha_state)
+    _warn_homeless(homeless, "the state dict")
     if not strict:  # strict loads name the missing keys themselves
         _warn_affine_missing(model, state_dict)
-    model.load_state_dict(state_dict, strict=strict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=strict)
+    unexpected = [k for k in unexpected if k not in homeless]   # those were named already
+    if missing or unexpected:  # what strict=False returns, which this function cannot
+        warnings.warn(f"load_dyt_state_dict(strict=False) left {_listed(missing)} missing and "
+                      f"{_listed(unexpected)} unexpected", DyTCheckpointWarning, stacklevel=2)
     return model
+
+
+def _listed(keys: list[str], most: int = 8) -> str:
+    """'2 key(s) (a, b)', the first ``most`` named."""
+    named = ", ".join(keys[:most]) + (f", ... ({len(keys) - most} more)" if len(keys) > most else "")
+    return f"{len(keys)} key(s)" + (f" ({named})" if keys else "")
 
 
 def _read_alphas(directory: str) -> dict[str, Tensor]:
@@ -164,7 +175,8 @@ def load_pretrained_dyt(model_class, directory: str, *, subfolder: str = "", fus
     model = model_class.from_pretrained(directory, **from_pretrained_kwargs)
     alphas = _match_prefix(model, _read_alphas(folder))
     model = _convert_for(model, alphas, fuse_modulation)
-    _warn_homeless(_homeless_alphas(model, alphas), folder)
-    homed = {k: v for k, v in alphas.items() if k not in set(_homeless_alphas(model, alphas))}
+    homeless = _homeless_alphas(model, alphas)
+    _warn_homeless(homeless, folder)
+    homed = {k: v for k, v in alphas.items() if k not in homeless}
     model.load_state_dict(homed, strict=False)
     return model
