@@ -116,6 +116,21 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc")
+def test_save_syncs_the_file_then_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """The file's bytes are synced before the rename, and the directory after it: until the directory
+    entry is on disk, a power loss can bring back the previous checkpoint although the new one was synced."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1}, path)
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[1][1] == str(path) and events[2][1] == str(tmp_path)
+
+
 def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

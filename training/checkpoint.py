@@ -4,9 +4,9 @@ A checkpoint is a plain dict of tensors, dicts, lists, str, int, float and bool,
 ``torch.load(weights_only=True)``: opening one never executes code from the file. RNG states that
 are not tensors natively (numpy's, Python's) are stored as int64 tensors plus plain ints/floats.
 
-Writing goes through a temporary file in the same directory, fsync, then ``os.replace``: a crash or
-a full disk mid-write leaves the previous checkpoint intact, never a half-written one under the
-final name. A process killed mid-write (SIGKILL, power loss) leaves its temporary file behind; the
+Writing goes through a temporary file in the same directory, fsync, ``os.replace``, then an fsync of
+the directory so the rename is on disk too: a crash or a full disk mid-write leaves the previous
+checkpoint intact, never a half-written one under the final name. A process killed mid-write (SIGKILL, power loss) leaves its temporary file behind; the
 temporary name carries the writer's host and process id, so the next write into that directory
 removes the files whose writer is gone, and never one that a live process is still writing.
 
@@ -137,6 +137,24 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename itself durable: until the directory entry reaches the disk, a power loss can
+    bring back the previous checkpoint (or none) although the new file's bytes were synced. POSIX
+    only; where a directory cannot be opened or synced (Windows, some network filesystems) the rename
+    is as durable as that filesystem makes it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
