@@ -299,14 +299,17 @@ def dyt_rows(case: Case, gpu, props, facts_cache) -> list[Row]:
     M, N = case.shape
     elem = case.dtype.itemsize
     flags = dyt_ops.Flags(True, True, False, False)   # DyT's defaults: weight, bias, one alpha
-    params = (F32, F32, F32)
+    # Parameters in x's dtype, as `python -m bench kernels` draws them (a module moved with .to(dtype)),
+    # so the prediction is for the kernel build the benchmark times.
+    params = (case.dtype,) * 3
     fp = dyt_ops.plan_forward(M, N, N, case.dtype, params, flags, props)
     bp = dyt_ops.plan_backward(M, N, N, case.dtype, params, flags, props)
-    fwd = _streaming_row(case, "fwd", fp.spec, fp.grid, fp.tile, dyt_ops.min_bytes("fwd", M, N, elem, 4, 4 * N, 4 * N),
-                         1, M * N, gpu, props, facts_cache)
-    bwd_min = dyt_ops.min_bytes("bwd", M, N, elem, 4, 4 * N, 4 * N)
+    fwd = _streaming_row(case, "fwd", fp.spec, fp.grid, fp.tile,
+                         dyt_ops.min_bytes("fwd", M, N, elem, elem, elem * N, elem * N), 1, M * N, gpu, props,
+                         facts_cache)
+    bwd_min = dyt_ops.min_bytes("bwd", M, N, elem, elem, elem * N, elem * N)
     bwd = _persistent_row(case, bp.spec, bp.grid, bp.programs_per_sm, bp.tile, bp.steps, 0.0, bwd_min,
-                          dyt_ops.side_bytes(bp, flags), 4 + 8 * N, 2, 3, gpu, props, facts_cache)
+                          dyt_ops.side_bytes(bp, flags), elem * (1 + 2 * N), 2, 3, gpu, props, facts_cache)
     return [fwd, bwd]
 
 
@@ -314,15 +317,16 @@ def modulate_rows(case: Case, gpu, props, facts_cache) -> list[Row]:
     B, L, D = case.shape
     dt, elem, res = case.dtype, case.dtype.itemsize, case.residual
     ff = mod_ops.FwdFlags(res, res, False, False, False)    # PixArt-alpha / FLUX: no affine, one alpha
-    fp = mod_ops.plan_forward(B, L, D, dt, (dt, dt, dt, dt, F32, F32, F32), ff, props)
+    # every tensor in x's dtype, alpha too, as the benchmark draws them (weight and bias are absent)
+    fp = mod_ops.plan_forward(B, L, D, dt, (dt,) * 7, ff, props)
     bf = mod_ops.BwdFlags(res, res, res, res, False, False, False, False, False, False)
-    bp = mod_ops.plan_backward(B, L, D, dt, (dt, dt, dt, F32, F32, F32, dt), bf, props)
-    fwd_min = mod_ops.min_bytes("fwd", B, L, D, elem, elem, 4, residual=res, gate=res)
+    bp = mod_ops.plan_backward(B, L, D, dt, (dt,) * 7, bf, props)
+    fwd_min = mod_ops.min_bytes("fwd", B, L, D, elem, elem, elem, residual=res, gate=res)
     fwd = _streaming_row(case, "fwd", fp.spec, fp.grid, fp.tile, fwd_min, 2 if res else 1, B * L * D, gpu, props,
                          facts_cache)
-    bwd_min = mod_ops.min_bytes("bwd", B, L, D, elem, elem, 4, residual=res, gate=res)
+    bwd_min = mod_ops.min_bytes("bwd", B, L, D, elem, elem, elem, residual=res, gate=res)
     iterations = bp.units_per_program * bp.tiles_per_chunk
-    outputs = 4 + (B * D * elem * (3 if res else 2) if bp.split else 0)
+    outputs = elem + (B * D * elem * (3 if res else 2) if bp.split else 0)
     jobs = 1 + ((3 if res else 2) if bp.split else 0)
     bwd = _persistent_row(case, bp.spec, bp.grid, bp.programs_per_sm, bp.tile, iterations, 1.0 / bp.tiles_per_chunk,
                           bwd_min, mod_ops.side_bytes(bp, bf, B, D), outputs, 4 if res else 2, jobs, gpu, props,
