@@ -7,7 +7,9 @@ attn1, ...) but hands norm + modulation (+ the residual add where the block's or
 dyt_modulate. An instance is switched by assigning its __class__: parameters, buffers, state-dict
 keys, isinstance checks and pickling stay those of the diffusers class. Any input the fused forward
 does not cover (a norm that is not a channels-last DyT, a non-(B, L, D) input, GLIGEN, feed-forward
-chunking) takes diffusers' own forward, which is the unfused conversion.
+chunking) takes diffusers' own forward, which is the unfused conversion; a conditioning whose batch is
+not the input's (one timestep beside B samples, which diffusers broadcasts) takes diffusers' unfused
+expression at that one modulation.
 
 Fused and unfused compute the same expressions in the same order (r = residual + gate * x, then
 weight * tanh(alpha * r) + bias, then * (1 + scale) + shift), so on the torch backend they agree to
@@ -38,9 +40,30 @@ def _fits(norm: nn.Module | None, x: Tensor) -> bool:
     return _fusable(norm) and x.dim() == 3 and x.shape[-1] == norm.normalized_shape[0]
 
 
+def _takes(x: Tensor, *modulations: Tensor | None) -> bool:
+    """Whether dyt_modulate takes these shift / scale / gate tensors for x as they are."""
+    B, L, D = x.shape
+    return all(m is None or tuple(m.shape) in ((B, D), (B, 1, D), (B, L, D)) for m in modulations)
+
+
+def _per_token(m: Tensor) -> Tensor:
+    return m if m.dim() == 3 else m[:, None]
+
+
 def _modulate(norm: DyT, x: Tensor, shift: Tensor, scale: Tensor, residual: Tensor | None = None,
               gate: Tensor | None = None):
-    return dyt_modulate(x, norm.alpha, shift, scale, norm.weight, norm.bias, residual=residual, gate=gate)
+    """norm(r) * (1 + scale) + shift with r = residual + gate * x (r = x without a residual); (h, r) with one.
+
+    A conditioning whose batch is not x's (a batch of one beside B samples, which diffusers broadcasts)
+    is not a shape dyt_modulate takes: that case computes diffusers' own unfused expression.
+    """
+    if _takes(x, shift, scale, gate) and (residual is None or residual.shape == x.shape):
+        return dyt_modulate(x, norm.alpha, shift, scale, norm.weight, norm.bias, residual=residual, gate=gate)
+    r = x
+    if residual is not None:
+        r = (x if gate is None else _per_token(gate) * x) + residual
+    h = norm(r) * (1 + _per_token(scale)) + _per_token(shift)
+    return h if residual is None else (h, r)
 
 
 class FusedAdaLayerNormZero(AdaLayerNormZero):

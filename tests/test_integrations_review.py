@@ -1,0 +1,73 @@
+"""Adversarial review of fuse_modulation (integrations/diffusers.py) and the norm recognizer (recognize.py).
+
+Each test is an input that once gave a result different from the unfused conversion (or from what the
+module computes), found by comparing fused and unfused forwards of tiny diffusers models in float64 on
+the torch backend, or by probing norm classes the converter recognizes. docs/bad_inputs.md has a row
+for each.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from dyt_kernels import DyT, convert_layernorm_to_dyt, use_backend
+from library_models import CASES, main_output
+
+
+def _fused_and_unfused(name: str):
+    """A converted float64 model with random alphas and its fused copy."""
+    pytest.importorskip("diffusers")
+    from dyt_kernels.integrations.diffusers import fuse_modulation
+
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        convert_layernorm_to_dyt(model, include_rmsnorm=case.include_rmsnorm)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DyT):
+                m.alpha.uniform_(0.3, 1.5)
+    model = model.double()
+    fused = copy.deepcopy(model)
+    assert fuse_modulation(fused)
+    return model, fused
+
+
+def _run_both(model, fused, inputs):
+    inputs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    with use_backend("torch"), torch.no_grad():
+        return main_output(model(**inputs)), main_output(fused(**inputs))
+
+
+# --------------------------------------------------------------------------------------------------
+# fuse_modulation
+# --------------------------------------------------------------------------------------------------
+
+def _image(batch=2):
+    return torch.randn(batch, 4, 8, 8)
+
+
+# A conditioning of batch one next to a batch of samples: diffusers broadcasts (1, D)[:, None] over
+# the batch; dyt_modulate takes (B, D), (B, 1, D) or (B, L, D) only.
+BATCH_ONE_CONDITIONING = {
+    "dit": lambda: {"hidden_states": _image(), "timestep": torch.tensor([3]), "class_labels": torch.tensor([1])},
+    "flux": lambda: {"hidden_states": torch.randn(2, 6, 4), "encoder_hidden_states": torch.randn(2, 3, 12),
+                     "pooled_projections": torch.randn(1, 12), "timestep": torch.tensor([0.2]),
+                     "img_ids": torch.randn(6, 3), "txt_ids": torch.zeros(3, 3)},
+    "sd3": lambda: {"hidden_states": _image(), "encoder_hidden_states": torch.randn(2, 5, 12),
+                    "pooled_projections": torch.randn(1, 12), "timestep": torch.tensor([3.0])},
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_ONE_CONDITIONING))
+def test_fused_forward_broadcasts_a_conditioning_of_batch_one(name):
+    model, fused = _fused_and_unfused(name)
+    torch.manual_seed(1)
+    out, out_fused = _run_both(model, fused, BATCH_ONE_CONDITIONING[name]())
+    assert out.shape[0] == 2
+    torch.testing.assert_close(out_fused, out, rtol=0, atol=1e-12)
