@@ -6,6 +6,8 @@ autograd.py's fused or opaque paths for Triton.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
@@ -14,7 +16,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn import Parameter
 
 from . import reference
-from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
+from ._checks import as_alpha as _as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
 from .autograd import (DyTFused, DyTModulateFused, DyTModulateReference, DyTReference, dyt_apply,
                        modulate_apply)
 from .backend import traced_backend, use_triton
@@ -22,6 +24,29 @@ from .ops import dyt as dyt_ops
 from .ops import modulate as mod_ops
 from .ops.direct import _current_device as _cuda_device
 from ._signatures import Signatures, absent
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
+    """_checks.as_alpha, with a Python or numpy real number taken as eager `alpha * x` takes it: in
+    float64 for a float64 x (float32 would round 0.1 to 0.100000001490116: 1.5e-8 relative, in a
+    computation exact to 1e-16), else in float32, a value past its range rounding to +-inf as the
+    cast of a Python scalar does (torch.full refuses to round it: "cannot be converted to type
+    float without overflow"). Everything else (tensors, bools, the wrong types) goes to the checks."""
+    if isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, Tensor)):
+        try:
+            value = float(alpha)
+        except OverflowError:   # an int past float64's range: the checks' own error
+            return _as_alpha(alpha, x, channels)
+        if x.dtype == torch.float64:
+            alpha = torch.full((1,), value, device=x.device, dtype=torch.float64)
+        elif abs(value) > _FP32_MAX and value == value:   # rounds to +-inf (or to the max, at its edge)
+            alpha = torch.tensor([value], device=x.device, dtype=torch.float32)
+        else:
+            alpha = torch.full((1,), value, device=x.device, dtype=torch.float32)
+    return _as_alpha(alpha, x, channels)
 
 
 def _compiled_route(x: Tensor) -> str:

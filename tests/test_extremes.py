@@ -1,0 +1,65 @@
+"""The kernels' numerics at the edges: values, signs and sizes where a fused form can part from eager.
+
+Each test compares the Triton backend (the interpreter here) and the torch backend with float64 or
+with the eager expression `weight * torch.tanh(alpha * x) + bias` (and dyt_modulate's equivalent),
+forward and backward. Tests marked "fails before" were written against a defect and failed on the
+code before its fix; the others pin behaviour that was already right where the suite had no test.
+docs/bad_inputs.md has a row for each.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dyt_kernels import dyt, dyt_modulate, use_backend
+
+BACKENDS = ["triton", "torch"]
+
+
+# --------------------------------------------------------------------------------------------------
+# alpha given as a Python number
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["dyt", "modulate"])
+def test_python_alpha_keeps_float64_precision(op, backend, device):
+    """A float64 x with a Python-float alpha computes with alpha as a float64, as `0.1 * x` does.
+    Fails before: alpha was made a float32 tensor whatever x's dtype, so dyt(x64, 0.1) used
+    0.100000001490116... and was off by ~1.5e-8 relative (4e-9 here) where float64 is exact to 1e-16."""
+    torch.manual_seed(0)
+    x = 3 * torch.randn(4, 3, 8, dtype=torch.float64, device=device)
+    alpha = 0.1
+    if op == "dyt":
+        with use_backend(backend):
+            y = dyt(x, alpha)
+        ref = torch.tanh(alpha * x)
+    else:
+        s = 0.5 * torch.randn(4, 8, dtype=torch.float64, device=device)
+        with use_backend(backend):
+            y = dyt_modulate(x, alpha, s, s)
+        ref = torch.tanh(alpha * x) * (1 + s[:, None]) + s[:, None]
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's inf * 0
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("alpha", [1e39, -1e300], ids=["1e39", "-1e300"])
+def test_python_alpha_past_float32_range(alpha, dtype, backend, device):
+    """A Python alpha beyond float32's range is taken as eager `alpha * x` takes it: float32 x rounds
+    it to +-inf (tanh = +-1, NaN at x = 0 as inf * 0 is in eager), float64 x keeps it (0 at x = 0).
+    Fails before: `RuntimeError: value cannot be converted to type float without overflow`, from
+    the cast that made alpha a float32 tensor, while alpha=math.inf and a tensor alpha of 1e38 ran."""
+    x = torch.tensor([[0.0, 1.5, -2.0, 1e-30, -3e-41]], dtype=dtype, device=device)
+    with use_backend(backend):
+        y = dyt(x, alpha)
+    ref = torch.tanh(alpha * x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+    if dtype == torch.float32:   # the same as a float32 tensor alpha of that (rounded) value
+        with use_backend(backend):
+            same = dyt(x, torch.tensor([alpha], dtype=torch.float64, device=device).float())
+        torch.testing.assert_close(y, same, rtol=0, atol=0, equal_nan=True)
