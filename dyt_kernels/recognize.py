@@ -7,7 +7,8 @@ of an NCHW tensor; transformers ships dozens of *RMSNorm twins, and some (Gemma'
 So the layout and the formula come from the module itself: a copy of it runs on small random tensors
 and its output is compared with each formula it could be computing (LayerNorm or RMSNorm, over the last
 dim or over dim 1, scaled by weight or by 1 + weight). Exactly one candidate must match; none or
-several (a module that adds an activation, one that adapts to its input) leaves the module alone.
+several (a module that adds an activation, one that adapts to its input) leaves the module alone, as
+does a forward that takes more than the tensor (a gated RMSNorm's gate): the probes see it without.
 The probes are shaped so that the wrong layout cannot even run: (2, o, o, C) puts C last only,
 (2, C, o, o) puts it at dim 1 only (o != C), with 3-D variants for 1-D sequence layouts. A probe that
 raises is a candidate that does not apply. Running on a deep copy in float32 leaves the model's own
@@ -18,6 +19,7 @@ Exact nn.LayerNorm and nn.RMSNorm need no probe: their formulas are torch's own.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -110,6 +112,16 @@ def _matches(probe: nn.Module, kind: NormKind, weight, bias, eps: float, gen: to
     return False
 
 
+def _other_inputs(module: nn.Module) -> list[str]:
+    """The named inputs a module's forward takes besides the tensor it normalizes (a gated RMSNorm's gate)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):   # a builtin or C-implemented forward: nothing to read
+        return []
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in named[1:]]
+
+
 def probe_device(module: nn.Module) -> torch.device:
     t = next(iter(module.parameters()), None)
     if t is None:
@@ -123,6 +135,11 @@ def recognize(module: nn.Module, families: tuple[str, ...]) -> tuple[NormKind | 
         return NormKind("layer", True, tuple(module.normalized_shape)), ""
     if hasattr(nn, "RMSNorm") and type(module) is nn.RMSNorm:
         return NormKind("rms", True, tuple(module.normalized_shape)), ""
+    # The probes call forward with the tensor alone; a forward that takes more (Mamba-2's gated RMSNorm:
+    # norm(x * silu(gate))) computes something else when the model passes it, and a DyT takes one input.
+    others = _other_inputs(module)
+    if others:
+        return None, f"its forward takes more than the tensor it normalizes ({', '.join(others)}), which a DyT cannot"
     shape = channel_shape(module)
     if shape is None:
         return None, "its channel count could not be found (no weight, normalized_shape or dim)"

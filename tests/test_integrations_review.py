@@ -71,3 +71,53 @@ def test_fused_forward_broadcasts_a_conditioning_of_batch_one(name):
     out, out_fused = _run_both(model, fused, BATCH_ONE_CONDITIONING[name]())
     assert out.shape[0] == 2
     torch.testing.assert_close(out_fused, out, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# The recognizer
+# --------------------------------------------------------------------------------------------------
+
+class GatedRMSNorm(torch.nn.Module):
+    """Mamba-2's gated RMSNorm (transformers' MambaRMSNormGated, Zamba2RMSNormGated, ... with one
+    group): RMSNorm of x * silu(gate); with gate=None, a plain RMSNorm."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states, gate=None):
+        if gate is not None:
+            hidden_states = hidden_states * torch.nn.functional.silu(gate)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+def _gated_norms():
+    yield GatedRMSNorm(16)
+    try:
+        from transformers.models.zamba2.modeling_zamba2 import Zamba2RMSNormGated
+    except ImportError:
+        return
+    yield Zamba2RMSNormGated(16, group_size=16)
+
+
+@pytest.mark.parametrize("norm", list(_gated_norms()), ids=lambda n: type(n).__name__)
+def test_a_norm_whose_forward_takes_a_gate_is_left_alone(norm):
+    """Probed with one input, a gated norm is a plain RMSNorm; the model calls it with the gate, which a
+    DyT cannot take (every forward raised TypeError after converting a Zamba2 or FalconH1 model)."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x, gate):
+            return self.norm(x, gate)
+
+    block = Block()
+    x, gate = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    want = block(x, gate)
+    with pytest.warns(UserWarning, match="gate"):
+        convert_layernorm_to_dyt(block, include_rmsnorm=True)
+    assert block.norm is norm
+    torch.testing.assert_close(block(x, gate), want, rtol=0, atol=0)
