@@ -32,6 +32,10 @@ for dt in (f32, bf16, torch.float16):
         M, N, C = (192, 3136, 96) if flags.per_row else (4096, 1152, 1152)
         specs[f"dyt fwd {dt} {flags}"] = D.plan_forward(M, N, C, dt, (f32, f32, f32), flags, H).spec
         specs[f"dyt bwd {dt} {flags}"] = D.plan_backward(M, N, C, dt, (f32, f32, f32), flags, H).spec
+    # parameters in x's dtype (a module moved with .to(dtype)): the build `bench kernels` times
+    for direction, plan in (("fwd", D.plan_forward), ("bwd", D.plan_backward)):
+        specs[f"dyt {direction} {dt} params {dt}"] = plan(4096, 1152, 1152, dt, (dt,) * 3,
+                                                          D.Flags(True, True, False, False), H).spec
     for flags in (D.Flags(True, True, False, False), D.Flags(False, False, True, False)):
         for direction, plan in (("fwd", D.plan_forward), ("bwd", D.plan_backward)):
             # x's rows in three levels (head views of d = 64): the JIT marks the level strides
@@ -89,12 +93,16 @@ def test_backwards_loop_and_forwards_do_not(result):
 
 
 def test_16_byte_main_stream_accesses(result):
-    """128-bit loads and stores, no 2-byte scalar ones, for hidden sizes that allow them."""
-    def vector_ok(f):
-        narrow = any(".U16" in k or ".S16" in k for k in list(f["loads"]) + list(f["stores"]))
-        return not narrow and any(".128" in k for k in f["loads"]) and any(".128" in k for k in f["stores"])
+    """128-bit loads and stores, no 2-byte scalar ones, for hidden sizes that allow them. The one
+    exception: a scalar alpha in a 2-byte dtype is one 2-byte load per program (a 'params bf16/fp16'
+    build), outside the main streams."""
+    def vector_ok(name, f):
+        scalar_alpha = 1 if name.endswith(("params torch.bfloat16", "params torch.float16")) else 0
+        narrow = sum(n for k, n in list(f["loads"].items()) + list(f["stores"].items()) if ".U16" in k or ".S16" in k)
+        return (narrow <= scalar_alpha and any(".128" in k for k in f["loads"])
+                and any(".128" in k for k in f["stores"]))
     bad = [f"{name}: loads {f['loads']}, stores {f['stores']}" for name, f in result["facts"].items()
-           if name != "finish" and not vector_ok(f)]
+           if name != "finish" and not vector_ok(name, f)]
     assert not bad, "\n".join(bad)
 
 
