@@ -63,3 +63,36 @@ def test_python_alpha_past_float32_range(alpha, dtype, backend, device):
         with use_backend(backend):
             same = dyt(x, torch.tensor([alpha], dtype=torch.float64, device=device).float())
         torch.testing.assert_close(y, same, rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Infinite parameters where a tile has padded lanes
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's inf * 0
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sign", [1, -1], ids=["+inf", "-inf"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("mode", ["BD", "B1D"])
+def test_modulate_infinite_weight_without_bias(mode, residual, sign, backend, device):
+    """weight[c] = +-inf and no bias, per-sample scale, 3 tokens (the backward's tiles have padded
+    rows). dh's signs in channel c make float64's dscale there sum to +inf. Fails before (triton):
+    dscale[:, c] was NaN: the padded rows' n = w * tanh(0) = inf * 0 entered the sum (with a bias,
+    n was masked; tests/test_bad_inputs.py::test_inf_in_parameters covers that case only)."""
+    from float64_checks import check_special_values, modulate_formula, modulate_inputs
+    B, L, D, c = 2, 3, 8, 5
+    torch.manual_seed(1)
+    mshape = (B, D) if mode == "BD" else (B, 1, D)
+    x = torch.randn(B, L, D, device=device)
+    res = torch.randn(B, L, D, device=device) if residual else None
+    gate = torch.randn(mshape, device=device) if residual else None
+    weight = 1 + 0.5 * torch.randn(D, device=device)
+    weight[c] = sign * math.inf
+    alpha = torch.tensor([0.7], device=device)
+    inputs = modulate_inputs(x, alpha, torch.randn(mshape, device=device), 0.5 * torch.randn(mshape, device=device),
+                             weight, None, res, gate)
+    r = x if res is None else res + gate.reshape(B, 1, D) * x
+    douts = [torch.randn(B, L, D, device=device) for _ in range(2 if residual else 1)]
+    douts[0][..., c] = douts[0][..., c].abs() * torch.sign(sign * r[..., c])   # dh * n > 0 in channel c
+    out = check_special_values(dyt_modulate, modulate_formula, inputs, douts, backend=backend)
+    assert (out["dscale"].reshape(B, D)[:, c] == math.inf).all()

@@ -232,13 +232,16 @@ def _modulate_bwd_kernel(
                            + cols[None, :], mask=mask_n, other=0.0)
 
         # Padded lanes hold r = dh = 0, but an infinite alpha, weight or bias there would still give
-        # inf * 0 = NaN and poison the sums: they are zeroed explicitly.
+        # inf * 0 = NaN and poison the sums: they are zeroed explicitly (n too when it has a weight and
+        # no bias: w * tanh(0) is inf * 0 there).
         t = tanh_f32(tl.where(mask, a * r, 0.0), TANH)
         n = t
         if HAS_WEIGHT:
             n = n * w
         if HAS_BIAS:
-            n = tl.where(mask, n + bias, 0.0)
+            n = n + bias
+        if HAS_WEIGHT or HAS_BIAS:
+            n = tl.where(mask, n, 0.0)
         if SCALE_PER_TOKEN:
             tl.store(dscale_tok + row_offsets(rows, N, INDEX_64) + cols[None, :],
                      (dh * n).to(dscale_tok.dtype.element_ty), mask=mask)
