@@ -12,7 +12,8 @@ does a forward that takes more than the tensor (a gated RMSNorm's gate): the pro
 The probes are shaped so that the wrong layout cannot even run: (2, o, o, C) puts C last only,
 (2, C, o, o) puts it at dim 1 only (o != C), with 3-D variants for 1-D sequence layouts. A probe that
 raises is a candidate that does not apply. Running on a deep copy in float32 leaves the model's own
-module, its buffers (running statistics) and the global RNG untouched.
+module, its buffers (running statistics) and the global RNG untouched. The copy's parameters are drawn
+at random first, so the verdict does not rest on the values they hold now (ones and zeros at init).
 
 Exact nn.LayerNorm and nn.RMSNorm need no probe: their formulas are torch's own.
 """
@@ -122,6 +123,21 @@ def _other_inputs(module: nn.Module) -> list[str]:
     return [p.name for p in named[1:]]
 
 
+def _draw_parameters_(probe: nn.Module, gen: torch.Generator) -> None:
+    """Random values, of either sign and away from 0, in every floating parameter of the probe copy.
+
+    What a module computes must not be read off the values its parameters hold now: at init a weight of
+    ones hides weight ** 2, a shift of zeros under another name than bias (dropped by a DyT) hides
+    itself, and a weight of zeros makes LayerNorm and RMSNorm alike. Drawn values show each.
+    """
+    with torch.no_grad():
+        for p in probe.parameters():
+            if p.is_floating_point():
+                magnitude = 0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float64)
+                sign = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int64) * 2 - 1
+                p.copy_((sign * magnitude).to(p.dtype))
+
+
 def probe_device(module: nn.Module) -> torch.device:
     t = next(iter(module.parameters()), None)
     if t is None:
@@ -145,14 +161,16 @@ def recognize(module: nn.Module, families: tuple[str, ...]) -> tuple[NormKind | 
         return None, "its channel count could not be found (no weight, normalized_shape or dim)"
     if any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers())):
         return None, "it is on the meta device, where what it computes cannot be probed"
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    weight = weight if isinstance(weight, Tensor) else None
-    bias = bias if isinstance(bias, Tensor) else None
     try:
         probe = copy.deepcopy(module).float()
     except Exception as err:  # noqa: BLE001
         return None, f"a copy to probe it could not be made ({type(err).__name__}: {err})"
+    gen = torch.Generator().manual_seed(0)
+    _draw_parameters_(probe, gen)
+    weight = getattr(probe, "weight", None)
+    bias = getattr(probe, "bias", None)
+    weight = weight if isinstance(weight, Tensor) else None
+    bias = bias if isinstance(bias, Tensor) else None
     weight64 = None if weight is None else weight.detach().double().cpu()
     bias64 = None if bias is None else bias.detach().double().cpu()
     candidates = []
@@ -162,7 +180,6 @@ def recognize(module: nn.Module, families: tuple[str, ...]) -> tuple[NormKind | 
                 continue
             for one_plus in ((False, True) if weight is not None else (False,)):
                 candidates.append(NormKind(family, channels_last, shape, one_plus))
-    gen = torch.Generator().manual_seed(0)
     found = [k for k in candidates if _matches(probe, k, weight64, bias64, _eps(module), gen)]
     if len(found) == 1:
         return found[0], ""

@@ -121,3 +121,66 @@ def test_a_norm_whose_forward_takes_a_gate_is_left_alone(norm):
         convert_layernorm_to_dyt(block, include_rmsnorm=True)
     assert block.norm is norm
     torch.testing.assert_close(block(x, gate), want, rtol=0, atol=0)
+
+
+class OffsetLayerNorm(torch.nn.Module):
+    """A LayerNorm whose shift is a parameter named `offset` (zero at init), not `bias`."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.offset = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, (self.dim,), self.weight, None, self.eps) + self.offset
+
+
+class SquaredGainRMSNorm(torch.nn.Module):
+    """An RMSNorm scaled by weight ** 2 (one at init, where it equals weight)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight ** 2
+
+
+class ZeroInitRMSNorm(SquaredGainRMSNorm):
+    """A plain RMSNorm whose weight starts at zero (its output is zero, as a LayerNorm's would be)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__(dim, eps)
+        torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _perturbed(module):
+    module = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("cls,converts", [(OffsetLayerNorm, False), (SquaredGainRMSNorm, False),
+                                          (ZeroInitRMSNorm, True)])
+def test_recognition_does_not_depend_on_the_parameters_current_values(cls, converts):
+    """At init, an offset of zero or a gain of one hides what a norm computes: OffsetLayerNorm became a
+    DyT without its offset (a learnable shift gone from the model, silently), SquaredGainRMSNorm a DyT
+    scaled by weight instead of weight ** 2, and a zero-initialized RMSNorm was left alone as ambiguous.
+    The verdict must be the one the same module gets once its parameters have moved."""
+    from dyt_kernels import conversion_report
+
+    torch.manual_seed(0)
+    norm = cls(16)
+    report = conversion_report(torch.nn.Sequential(norm), include_rmsnorm=True)
+    moved = conversion_report(torch.nn.Sequential(_perturbed(norm)), include_rmsnorm=True)
+    assert bool(report.converted) == bool(moved.converted) == converts, (report, moved)
+    if converts:   # the DyT holds the module's own weight, zeros
+        model = convert_layernorm_to_dyt(torch.nn.Sequential(norm), include_rmsnorm=True)
+        assert isinstance(model[0], DyT) and torch.equal(model[0].weight, torch.zeros(16))
