@@ -184,3 +184,37 @@ def test_recognition_does_not_depend_on_the_parameters_current_values(cls, conve
     if converts:   # the DyT holds the module's own weight, zeros
         model = convert_layernorm_to_dyt(torch.nn.Sequential(norm), include_rmsnorm=True)
         assert isinstance(model[0], DyT) and torch.equal(model[0].weight, torch.zeros(16))
+
+
+@pytest.mark.parametrize("skip_ff", [True, False], ids=["whole-block", "attention-only"])
+def test_fused_block_works_with_diffusers_hooks_that_look_blocks_up_by_class(skip_ff):
+    """diffusers' LayerSkip (skip-layer guidance), FirstBlockCache and MagCache hooks find a block's
+    metadata by its exact class: the fused BasicTransformerBlock raised "Model class ... not
+    registered". It runs, with the unfused conversion's result; an unpickled fused model too."""
+    pytest.importorskip("diffusers")
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    inputs = {"hidden_states": _image(), "encoder_hidden_states": torch.randn(2, 5, 12),
+              "timestep": torch.tensor([3, 700]), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    model, fused = _fused_and_unfused("pixart")
+    unpickled = copy.deepcopy(fused)   # through __reduce_ex__ / __setstate__, as pickle does
+    want = None
+    for m in (model, fused, unpickled):
+        apply_layer_skip(m, LayerSkipConfig(indices=[0], fqn="transformer_blocks", skip_attention=True,
+                                            skip_ff=skip_ff))
+        out = _run_both(m, m, inputs)[0]
+        if want is None:
+            want = out
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+
+
+def test_an_unpickled_fused_block_registers_itself_with_diffusers_hooks(monkeypatch):
+    pytest.importorskip("diffusers")
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    from dyt_kernels.integrations.diffusers import FusedBasicTransformerBlock
+
+    _, fused = _fused_and_unfused("pixart")
+    monkeypatch.delitem(TransformerBlockRegistry._registry, FusedBasicTransformerBlock, raising=False)
+    copy.deepcopy(fused)   # a new process that unpickles a fused model has not called fuse_modulation
+    assert TransformerBlockRegistry.get(FusedBasicTransformerBlock).return_hidden_states_index == 0

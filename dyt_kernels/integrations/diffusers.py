@@ -5,11 +5,12 @@ gated residual add before them as a third). Each class below is the diffusers cl
 that makes the same calls on the same public attributes (linear, silu, emb, norm, scale_shift_table,
 attn1, ...) but hands norm + modulation (+ the residual add where the block's order allows) to
 dyt_modulate. An instance is switched by assigning its __class__: parameters, buffers, state-dict
-keys, isinstance checks and pickling stay those of the diffusers class. Any input the fused forward
-does not cover (a norm that is not a channels-last DyT, a non-(B, L, D) input, GLIGEN, feed-forward
-chunking) takes diffusers' own forward, which is the unfused conversion; a conditioning whose batch is
-not the input's (one timestep beside B samples, which diffusers broadcasts) takes diffusers' unfused
-expression at that one modulation.
+keys, isinstance checks and pickling stay those of the diffusers class, and the fused block gets
+BasicTransformerBlock's entry in diffusers' block registry (its hooks look blocks up by exact class).
+Any input the fused forward does not cover (a norm that is not a channels-last DyT, a non-(B, L, D)
+input, GLIGEN, feed-forward chunking) takes diffusers' own forward, which is the unfused conversion; a
+conditioning whose batch is not the input's (one timestep beside B samples, which diffusers
+broadcasts) takes diffusers' unfused expression at that one modulation.
 
 Fused and unfused compute the same expressions in the same order (r = residual + gate * x, then
 weight * tanh(alpha * r) + bias, then * (1 + scale) + shift), so on the torch backend they agree to
@@ -17,6 +18,7 @@ the last bit in fp32, and on the Triton backend to the kernels' tanh accuracy.
 """
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 from torch import Tensor, nn
@@ -125,6 +127,10 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                 and getattr(self, "_chunk_size", None) is None and _fits(self._mlp_norm(), hidden_states)
                 and (self.norm_type == "ada_norm_zero" or _fits(self.norm1, hidden_states)))
 
+    def __setstate__(self, state):   # unpickled (or deep-copied) in a process that never called fuse_modulation
+        super().__setstate__(state)
+        _register_with_diffusers_hooks()
+
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
         if not self._covers(hidden_states, cross_attention_kwargs):
@@ -164,6 +170,31 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         return gate_mlp * ff_output + hidden_states
 
 
+def _register_with_diffusers_hooks() -> None:
+    """Give the fused block BasicTransformerBlock's entry in diffusers' block registry.
+
+    diffusers' hooks (LayerSkip for skip-layer guidance, FirstBlockCache, MagCache) look a block's
+    metadata up by its exact class, so the fused class needs an entry of its own (a copy: register()
+    writes the class into the metadata). Nothing to do where diffusers has no such registry.
+    """
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # pragma: no cover - depends on the diffusers version
+        return
+    try:
+        TransformerBlockRegistry.get(FusedBasicTransformerBlock)
+        return
+    except ValueError:
+        pass
+    try:
+        metadata = copy.copy(TransformerBlockRegistry.get(BasicTransformerBlock))
+    except ValueError:  # pragma: no cover - a diffusers version that does not register it
+        return
+    if hasattr(metadata, "_cached_parameter_indices"):
+        metadata._cached_parameter_indices = None
+    TransformerBlockRegistry.register(FusedBasicTransformerBlock, metadata)
+
+
 FUSED = {AdaLayerNormZero: FusedAdaLayerNormZero, AdaLayerNormZeroSingle: FusedAdaLayerNormZeroSingle,
          AdaLayerNormContinuous: FusedAdaLayerNormContinuous, SD35AdaLayerNormZeroX: FusedSD35AdaLayerNormZeroX,
          BasicTransformerBlock: FusedBasicTransformerBlock}
@@ -199,4 +230,6 @@ def fuse_modulation(model: nn.Module) -> Counter:
         if fused is not None and _ready(m):
             counts[type(m).__name__] += 1
             m.__class__ = fused
+    if counts["BasicTransformerBlock"]:
+        _register_with_diffusers_hooks()
     return counts
