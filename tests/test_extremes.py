@@ -96,3 +96,30 @@ def test_modulate_infinite_weight_without_bias(mode, residual, sign, backend, de
     douts[0][..., c] = douts[0][..., c].abs() * torch.sign(sign * r[..., c])   # dh * n > 0 in channel c
     out = check_special_values(dyt_modulate, modulate_formula, inputs, douts, backend=backend)
     assert (out["dscale"].reshape(B, D)[:, c] == math.inf).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Signed zero
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.5, -0.5, 0.0, -0.0], ids=str)
+@pytest.mark.parametrize("layout", ["last", "first"])
+def test_tanh_keeps_the_sign_of_zero(layout, alpha, backend, device):
+    """tanh(-0) = -0, as torch.tanh gives it: dyt without a bias returns -0 where eager
+    `weight * torch.tanh(alpha * x)` does (x = -0, or alpha = -0, or alpha = 0 with x < 0), and
+    equals it bit for bit elsewhere on these values (the linear regime and subnormals included).
+    Fails before (triton): the fp32 tanh form computed |z|'s tanh and negated it where z < 0, and
+    -0 < 0 is false, so it returned +0 (1 / y: +inf where eager gives -inf)."""
+    vals = torch.tensor([-0.0, 0.0, -1e-45, 1e-45, -3e-41, 2e-39, -1e-20, 1e-20, -2.5, 2.5],
+                        device=device)
+    C = vals.numel()
+    x = vals.reshape(1, C) if layout == "last" else vals.reshape(1, C, 1, 1)
+    weight = torch.linspace(0.5, 2.0, C, device=device)
+    w = weight if layout == "last" else weight.reshape(C, 1, 1)
+    with use_backend(backend):
+        y = dyt(x, alpha, weight, channels_last=layout == "last")
+    ref = w * torch.tanh(alpha * x)
+    assert torch.equal(torch.signbit(y), torch.signbit(ref)), (y.flatten().tolist(), ref.flatten().tolist())
+    # The tanh form's error (2 ulp, tests/test_tanh.py) at |tanh| = 0.987; exact in the linear regime.
+    torch.testing.assert_close(y, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=0)

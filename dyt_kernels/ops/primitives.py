@@ -38,7 +38,10 @@ def tanh_f32(z, MODE: tl.constexpr):
         small = a + a * p
         big = 1.0 - 2.0 / (1.0 + tl.math.exp2(a * _TWO_LOG2E))
         t = tl.where(a < _LIMIT, small, big)
-        t = tl.where(z < 0, -t, t)
+        # copysign(t, z): t is tanh|z| >= +0 here, so OR-ing in z's sign bit gives tanh(-0) = -0 too,
+        # where negating on z < 0 gave +0 (one LOP3 in SASS, where the select was a compare and a select)
+        t = (t.to(tl.uint32, bitcast=True) | (z.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32,
+                                                                                              bitcast=True)
     return t
 
 
