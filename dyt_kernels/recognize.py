@@ -13,7 +13,8 @@ The probes are shaped so that the wrong layout cannot even run: (2, o, o, C) put
 (2, C, o, o) puts it at dim 1 only (o != C), with 3-D variants for 1-D sequence layouts. A probe that
 raises is a candidate that does not apply. Running on a deep copy in float32 leaves the model's own
 module, its buffers (running statistics) and the global RNG untouched. The copy's parameters are drawn
-at random first, so the verdict does not rest on the values they hold now (ones and zeros at init).
+at random first, and it is probed in train and in eval mode, so the verdict rests neither on the values
+the parameters hold now (ones and zeros at init) nor on the mode (a dropout is the identity in eval).
 
 Exact nn.LayerNorm and nn.RMSNorm need no probe: their formulas are torch's own.
 """
@@ -180,12 +181,19 @@ def recognize(module: nn.Module, families: tuple[str, ...]) -> tuple[NormKind | 
                 continue
             for one_plus in ((False, True) if weight is not None else (False,)):
                 candidates.append(NormKind(family, channels_last, shape, one_plus))
-    found = [k for k in candidates if _matches(probe, k, weight64, bias64, _eps(module), gen)]
+    # In train and in eval mode: a dropout inside the norm is the identity in eval mode only, and a DyT
+    # made from a model in eval mode (as from_pretrained gives it) would train on without it.
+    # (A dropout in train mode draws from the global RNG: fork it, so the model's own runs see it unmoved.)
+    device = probe_device(probe)
+    accelerator = [] if device.type in ("cpu", "meta") else [device.index if device.index is not None else 0]
+    with torch.random.fork_rng(devices=accelerator, device_type=device.type if accelerator else "cuda"):
+        found = [k for k in candidates
+                 if all(_matches(probe.train(mode), k, weight64, bias64, _eps(module), gen) for mode in (False, True))]
     if len(found) == 1:
         return found[0], ""
     if not found:
         names = " or ".join(f"{f}-norm" for f in families)
-        return None, f"its output matched no {names} formula over the last dim or dim 1"
+        return None, f"its output matched no {names} formula over the last dim or dim 1 (in train and eval mode)"
     return None, "its output matched several formulas (" + ", ".join(map(describe, found)) + ")"
 
 

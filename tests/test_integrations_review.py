@@ -218,3 +218,43 @@ def test_an_unpickled_fused_block_registers_itself_with_diffusers_hooks(monkeypa
     monkeypatch.delitem(TransformerBlockRegistry._registry, FusedBasicTransformerBlock, raising=False)
     copy.deepcopy(fused)   # a new process that unpickles a fused model has not called fuse_modulation
     assert TransformerBlockRegistry.get(FusedBasicTransformerBlock).return_hidden_states_index == 0
+
+
+class DropoutLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm with dropout on its output (timm's LayerNormAct(apply_act=False, drop_layer=...))."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(super().forward(x))
+
+
+def _dropout_norms():
+    yield DropoutLayerNorm(16)
+    try:
+        import functools
+
+        from timm.layers import LayerNormAct, LayerNormAct2d
+    except ImportError:
+        return
+    drop = functools.partial(torch.nn.Dropout, 0.5)
+    yield LayerNormAct(16, apply_act=False, drop_layer=drop)
+    yield LayerNormAct2d(16, apply_act=False, drop_layer=drop)
+
+
+@pytest.mark.parametrize("norm", list(_dropout_norms()), ids=lambda n: type(n).__name__)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_recognition_does_not_depend_on_train_or_eval_mode(norm, mode):
+    """In eval mode a norm's dropout is the identity: the norm became a DyT, and training the converted
+    model (from_pretrained models come in eval mode) went on without that dropout, silently. Converted
+    in train mode, the same norm was left alone. The verdict must hold in both modes."""
+    from dyt_kernels import conversion_report
+
+    model = torch.nn.Sequential(copy.deepcopy(norm)).train(mode == "train")
+    rng = torch.get_rng_state()
+    report = conversion_report(model)
+    assert not report.converted and list(report.left_alone) == ["0"], report
+    assert model[0].training == (mode == "train")   # the probe leaves the module's mode alone
+    assert torch.equal(torch.get_rng_state(), rng)   # and the global RNG, which the dropout draws from
