@@ -123,3 +123,138 @@ def test_tanh_keeps_the_sign_of_zero(layout, alpha, backend, device):
     assert torch.equal(torch.signbit(y), torch.signbit(ref)), (y.flatten().tolist(), ref.flatten().tolist())
     # The tanh form's error (2 ulp, tests/test_tanh.py) at |tanh| = 0.987; exact in the linear regime.
     torch.testing.assert_close(y, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Already right, where the suite had no test: non-finite values without the full affine, aliased
+# arguments, hidden sizes at the launch plans' block thresholds
+# --------------------------------------------------------------------------------------------------
+
+def _variants(wheres):
+    """(affine, where) pairs: only a weight ("w"), only a bias ("b") or neither, and each input that
+    variant has."""
+    return [(affine, where) for affine in ("w", "b", "none") for where in wheres
+            if not (where == "weight" and affine != "w") and not (where == "bias" and affine != "b")]
+
+
+def _affine_variant(D, affine, device):
+    weight = 1 + 0.5 * torch.randn(D, device=device) if "w" in affine else None
+    bias = 0.5 * torch.randn(D, device=device) if "b" in affine else None
+    return weight, bias
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's inf * 0
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine,where", _variants(["x", "alpha", "weight", "bias", "dy"]))
+@pytest.mark.parametrize("layout", ["last", "first"])
+def test_dyt_nonfinite_without_full_affine(layout, affine, where, backend, device):
+    """inf, -inf and NaN in one input of dyt with only a weight, only a bias, or neither, and
+    per-channel alpha (5 rows, 7 channels: padded lanes in every tile): NaN and +-inf exactly where
+    float64 has them, float64's values elsewhere. The suite's non-finite tests use the full affine."""
+    from float64_checks import check_special_values, dyt_formula, dyt_inputs
+    shape, C = ((5, 7), 7) if layout == "last" else ((2, 7, 3), 7)
+    for value in (math.inf, -math.inf, math.nan):
+        x = 2 * torch.randn(shape, device=device)
+        alpha = torch.rand(C, device=device) + 0.2
+        weight, bias = _affine_variant(C, affine, device)
+        dy = torch.randn(shape, device=device)
+        target = {"x": x, "alpha": alpha, "weight": weight, "bias": bias, "dy": dy}[where]
+        target.view(-1)[min(3, target.numel() - 1)] = value
+        check_special_values(dyt, dyt_formula, dyt_inputs(x, alpha, weight, bias), [dy], backend=backend,
+                             channels_last=layout == "last")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's inf * 0
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine,where", _variants(["x", "residual", "gate", "shift", "scale", "alpha", "weight",
+                                                      "bias", "dh", "dr"]))
+@pytest.mark.parametrize("mode", ["BD", "BLD"])
+def test_modulate_nonfinite_without_full_affine(mode, affine, where, backend, device):
+    """dyt_modulate's counterpart (residual and gate, per-channel alpha, 2 x 3 tokens of 7 channels):
+    inf, -inf and NaN in one input, NaN and +-inf exactly where float64 has them."""
+    from float64_checks import check_special_values, modulate_formula, modulate_inputs
+    B, L, D = 2, 3, 7
+    mshape = (B, D) if mode == "BD" else (B, L, D)
+    for value in (math.inf, -math.inf, math.nan):
+        t = {"x": torch.randn(B, L, D, device=device), "residual": torch.randn(B, L, D, device=device),
+             "gate": torch.randn(mshape, device=device), "shift": torch.randn(mshape, device=device),
+             "scale": 0.5 * torch.randn(mshape, device=device), "alpha": torch.rand(D, device=device) + 0.2,
+             "dh": torch.randn(B, L, D, device=device), "dr": torch.randn(B, L, D, device=device)}
+        t["weight"], t["bias"] = _affine_variant(D, affine, device)
+        t[where].view(-1)[min(5, t[where].numel() - 1)] = value
+        inputs = modulate_inputs(t["x"], t["alpha"], t["shift"], t["scale"], t["weight"], t["bias"],
+                                 t["residual"], t["gate"])
+        check_special_values(dyt_modulate, modulate_formula, inputs, [t["dh"], t["dr"]], backend=backend)
+
+
+ALIASES = {   # dyt_modulate's arguments, some of them one tensor
+    "shift-is-scale": dict(shift="m", scale="m"),
+    "residual-is-x": dict(shift="m", scale="s", residual="x"),
+    "residual-is-x-gate-is-shift": dict(shift="m", scale="s", residual="x", gate="m"),
+    "weight-is-bias": dict(shift="m", scale="s", weight="w", bias="w", residual="r", gate="s"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ALIASES))
+def test_modulate_aliased_arguments(case, backend, device):
+    """One tensor passed as two arguments (shift and scale, x and residual, ...): outputs and the
+    accumulated gradient of each tensor as float64 autograd of the same expression has them."""
+    torch.manual_seed(2)
+    B, L, D = 2, 3, 7
+    base = {"x": torch.randn(B, L, D), "r": torch.randn(B, L, D), "m": torch.randn(B, D), "s": 0.5 * torch.randn(B, D),
+            "w": 1 + 0.5 * torch.randn(D), "a": torch.tensor([0.6])}
+    douts = [torch.randn(B, L, D, device=device) for _ in range(2)]
+
+    def run(dtype, fn):
+        leaves = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in base.items()}
+        kw = {k: leaves[v] for k, v in ALIASES[case].items()}
+        outs = fn(leaves["x"], leaves["a"], **kw)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = torch.autograd.grad(outs, list(leaves.values()), [d.to(dtype) for d in douts[:len(outs)]],
+                                    allow_unused=True)
+        return outs, dict(zip(leaves, grads))
+
+    def formula(x, a, shift, scale, weight=None, bias=None, residual=None, gate=None):
+        r = x if residual is None else residual + (x if gate is None else gate[:, None] * x)
+        n = torch.tanh(a * r)
+        n = n if weight is None else n * weight
+        n = n if bias is None else n + bias
+        h = n * (1 + scale[:, None]) + shift[:, None]
+        return h if residual is None else (h, r)
+
+    with use_backend(backend):
+        outs, grads = run(torch.float32, dyt_modulate)
+    outs64, grads64 = run(torch.float64, formula)
+    # fp32 math on O(1) values, sums of at most 6 terms: a few fp32 roundings of O(10) magnitudes
+    for o, o64 in zip(outs, outs64):
+        torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5)
+    for k, g64 in grads64.items():
+        if g64 is None:
+            assert grads[k] is None, k
+        else:
+            torch.testing.assert_close(grads[k].double(), g64, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("D", [16, 17, 512, 513, 1024, 1025])
+@pytest.mark.parametrize("op", ["dyt", "modulate"])
+def test_hidden_sizes_at_block_thresholds(op, D, device):
+    """Hidden sizes on each side of the plans' thresholds (plan.block_n_for: next power of two up to
+    16, then padding within 1/8; the modulate backward's 512-wide and the dyt kernels' 1024-wide
+    column blocks), fp32 and bf16, per-channel alpha, three-way against float64."""
+    from float64_checks import check_dyt, check_modulate, dyt_inputs, modulate_inputs
+    for dtype in (torch.float32, torch.bfloat16):
+        if op == "dyt":
+            x = (2 * torch.randn(3, D, device=device)).to(dtype)
+            inputs = dyt_inputs(x, torch.rand(D, device=device) + 0.2, torch.randn(D, device=device),
+                                torch.randn(D, device=device))
+            check_dyt(inputs, torch.randn_like(x), backend="triton")
+        else:
+            B, L = 2, 3
+            m = lambda s=1.0: (s * torch.randn(B, D, device=device)).to(dtype)  # noqa: E731
+            inputs = modulate_inputs(torch.randn(B, L, D, device=device).to(dtype), torch.rand(D, device=device) + 0.2,
+                                     m(), m(0.5), 1 + 0.5 * torch.randn(D, device=device),
+                                     0.5 * torch.randn(D, device=device), torch.randn(B, L, D, device=device).to(dtype),
+                                     m())
+            check_modulate(inputs, torch.randn(B, L, D, device=device).to(dtype),
+                           torch.randn(B, L, D, device=device).to(dtype), backend="triton")
