@@ -258,3 +258,45 @@ def test_recognition_does_not_depend_on_train_or_eval_mode(norm, mode):
     assert not report.converted and list(report.left_alone) == ["0"], report
     assert model[0].training == (mode == "train")   # the probe leaves the module's mode alone
     assert torch.equal(torch.get_rng_state(), rng)   # and the global RNG, which the dropout draws from
+
+
+def _hook_forward_hook(norm, seen):
+    def hook(module, args, output):
+        seen.append(1)
+        return output * 2
+    return norm.register_forward_hook(hook)
+
+
+def _hook_wrapped_forward(norm, seen):
+    """A forward replaced on the instance, as accelerate's offload hooks and diffusers' HookRegistry do."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            seen.append(1)
+            return output * 2
+
+    HookRegistry.check_if_exists_or_initialize(norm).register_hook(Double(), "double")
+
+
+@pytest.mark.parametrize("name", ["pixart", "dit", "flux", "sd3"])
+@pytest.mark.parametrize("install", [_hook_forward_hook, _hook_wrapped_forward], ids=["forward-hook", "wrapped-forward"])
+def test_fused_forward_runs_what_calling_the_norm_runs(name, install):
+    """A hook on a DyT (a feature-capture or steering hook; accelerate's and diffusers' offloading, which
+    bring its parameters to the device in its forward) never ran: the fused forwards read the DyT's
+    parameters without calling it. The output silently lacked what the hook does, and offloaded
+    parameters stayed on the offload device. A norm with hooks takes the unfused path."""
+    model, fused = _fused_and_unfused(name)
+    counts = []
+    for m in (model, fused):
+        seen = []
+        for norm in m.modules():
+            if isinstance(norm, DyT):
+                install(norm, seen)
+        torch.manual_seed(1)
+        out = _run_both(m, m, CASES[name].inputs())[0]
+        counts.append(len(seen))
+        if m is model:
+            want = out
+    assert counts[0] == counts[1] > 0
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)

@@ -7,8 +7,8 @@ attn1, ...) but hands norm + modulation (+ the residual add where the block's or
 dyt_modulate. An instance is switched by assigning its __class__: parameters, buffers, state-dict
 keys, isinstance checks and pickling stay those of the diffusers class, and the fused block gets
 BasicTransformerBlock's entry in diffusers' block registry (its hooks look blocks up by exact class).
-Any input the fused forward does not cover (a norm that is not a channels-last DyT, a non-(B, L, D)
-input, GLIGEN, feed-forward chunking) takes diffusers' own forward, which is the unfused conversion; a
+Any input the fused forward does not cover (a norm that is not a channels-last DyT or has hooks, a
+non-(B, L, D) input, GLIGEN, feed-forward chunking) takes diffusers' own forward, which is the unfused conversion; a
 conditioning whose batch is not the input's (one timestep beside B samples, which diffusers
 broadcasts) takes diffusers' unfused expression at that one modulation.
 
@@ -38,8 +38,16 @@ def _fusable(norm: nn.Module | None) -> bool:
     return isinstance(norm, DyT) and norm.channels_last and len(norm.normalized_shape) == 1
 
 
+def _called_plainly(norm: nn.Module) -> bool:
+    """Whether calling the norm runs its forward and nothing else: no hooks of its own, no forward replaced
+    on the instance (as accelerate's offload hooks and diffusers' HookRegistry do, to bring its parameters
+    to the device). The fused forwards read its parameters without calling it, which would skip those."""
+    return not (norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks or norm._backward_pre_hooks
+                or "forward" in vars(norm))
+
+
 def _fits(norm: nn.Module | None, x: Tensor) -> bool:
-    return _fusable(norm) and x.dim() == 3 and x.shape[-1] == norm.normalized_shape[0]
+    return _fusable(norm) and x.dim() == 3 and x.shape[-1] == norm.normalized_shape[0] and _called_plainly(norm)
 
 
 def _takes(x: Tensor, *modulations: Tensor | None) -> bool:
