@@ -258,7 +258,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
             or _functorch_active():   # _plain_ops(x), inlined
         return reference.dyt_modulate(*args)
-    if use_triton(x):
+    if use_triton(x) and (residual is None or residual.dtype != torch.float64):
+        # (a float64 residual stream stays in PyTorch, as a float64 x does: the kernels add in fp32)
         if x.is_cuda and x.get_device() != _cuda_device():
             return _on_device(x, _modulate_triton, args, slot)
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
@@ -278,6 +279,8 @@ def _modulate_triton(args, slot):
 def _compiled_modulate(*args):
     """dyt_modulate as torch.compile or torch.export traces it (no signature cache: _compiled_dyt)."""
     route = _compiled_route(args[0])
+    if args[6] is not None and args[6].dtype == torch.float64:   # a float64 residual stream: as eager
+        route = "torch"
     if route == "fused":
         return DyTModulateFused.apply(*args)
     if route == "opaque":

@@ -1,7 +1,8 @@
 """Plain-PyTorch DyT: the CPU backend and the tests' oracle.
 
-Everything computes in fp32 (float64 when given float64, which is how the tests build the oracle)
-and returns each result in its input's dtype. The backward functions write out the VJPs of
+Everything computes in fp32 (float64 when given float64, which is how the tests build the oracle; and
+dyt_modulate's residual add and the gradient it passes on, for a float64 residual stream) and returns
+each result in its input's dtype. The backward functions write out the VJPs of
 docs/DESIGN.md explicitly, so the kernels and these functions implement the same formulas; gradcheck on
 `dyt`'s autograd path proves the formulas themselves.
 
@@ -114,16 +115,26 @@ def dyt_modulate(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight:
     B, _, D = x.shape
     ct = compute_dtype(x.dtype)
     r = cast(x, ct)
+    r_wide = None
     if residual is not None:
-        if gate is not None:
-            r = r * cast(as_modulation(gate, B, D), ct)
-        # Round r to its storage dtype before the norm, as an unfused block would.
-        r = cast(cast(cast(residual, ct) + r, residual.dtype), ct)
+        if residual.dtype == torch.float64 and ct != torch.float64:
+            # A float64 residual stream beside a narrower x: the add in float64, as eager
+            # `residual + gate * x` keeps it, and r is that sum; the norm reads it in ct.
+            r_wide = cast(x, torch.float64)
+            if gate is not None:
+                r_wide = r_wide * cast(as_modulation(gate, B, D), torch.float64)
+            r_wide = residual + r_wide
+            r = cast(r_wide, ct)
+        else:
+            if gate is not None:
+                r = r * cast(as_modulation(gate, B, D), ct)
+            # Round r to its storage dtype before the norm, as an unfused block would.
+            r = cast(cast(cast(residual, ct) + r, residual.dtype), ct)
     n = dyt(r, cast(alpha, ct), _up(weight, ct), _up(bias, ct))
     h = n * (1 + cast(as_modulation(scale, B, D), ct)) + cast(as_modulation(shift, B, D), ct)
     if residual is None:
         return cast(h, x.dtype)
-    return cast(h, x.dtype), cast(r, residual.dtype)
+    return cast(h, x.dtype), cast(r, residual.dtype) if r_wide is None else r_wide
 
 
 def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor, scale: Tensor,
@@ -154,12 +165,16 @@ def dyt_modulate_backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, a
     drc = a * dz
     if not has_residual:
         return drc.to(x.dtype), None, None, dshift, dscale, dweight, dbias, dalpha
+    # A float64 residual stream (dyt_modulate's r_wide): the gradient reaching r, and what it passes
+    # on to the residual, x and gate, in float64.
+    rt = torch.float64 if r.dtype == torch.float64 else ct
+    drc = drc.to(rt)
     if dr is not None:
-        drc = drc + dr.to(ct)
+        drc = drc + dr.to(rt)
     dx, dgate = drc, None
     if gate is not None:
-        dx = drc * as_modulation(gate, B, D).to(ct)
-        dgate = _reduce_like(drc * x.to(ct), gate).to(gate.dtype)
+        dx = drc * as_modulation(gate, B, D).to(rt)
+        dgate = _reduce_like(drc * x.to(rt), gate).to(gate.dtype)
     return dx.to(x.dtype), drc.to(r.dtype), dgate, dshift, dscale, dweight, dbias, dalpha
 
 

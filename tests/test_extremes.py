@@ -258,3 +258,46 @@ def test_hidden_sizes_at_block_thresholds(op, D, device):
                                      m())
             check_modulate(inputs, torch.randn(B, L, D, device=device).to(dtype),
                            torch.randn(B, L, D, device=device).to(dtype), backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# A float64 residual stream beside a narrower x
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
+def test_float64_residual_stream_stays_float64(gate, backend, device):
+    """residual (and so r, and the gradient dr reaching r) in float64, x and the modulation in fp32:
+    r = residual + gate * x and dresidual = dr + alpha * dz keep the float64 stream's precision, as
+    eager `residual + gate * x` and its autograd do. |residual|, |dr| ~ 1e3 make an fp32 rounding of
+    them ~6e-5, far above the fp32 terms' own ~1e-6. Fails before: r and dresidual were computed in
+    fp32 and returned as float64 (errors ~1e-4, on both backends)."""
+    torch.manual_seed(3)
+    B, L, D = 2, 3, 8
+    x = torch.randn(B, L, D, device=device, requires_grad=True)
+    res = (1e3 * torch.randn(B, L, D, device=device, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(B, D, device=device, requires_grad=True) if gate else None
+    shift, scale = torch.randn(B, D, device=device), 0.5 * torch.randn(B, D, device=device)
+    dh = torch.randn(B, L, D, device=device)
+    dr = 1e3 * torch.randn(B, L, D, device=device, dtype=torch.float64)
+    with use_backend(backend):
+        h, r = dyt_modulate(x, 0.5, shift, scale, residual=res, gate=g)
+    assert h.dtype == torch.float32 and r.dtype == torch.float64
+    leaves = [x, res] + ([g] if gate else [])
+    grads = torch.autograd.grad((h, r), leaves, (dh, dr))
+
+    x64, res64 = x.detach().double().requires_grad_(), res.detach().clone().requires_grad_()
+    g64 = g.detach().double().requires_grad_() if gate else None
+    r64 = res64 + (x64 if g64 is None else g64[:, None] * x64)
+    h64 = torch.tanh(0.5 * r64) * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    grads64 = torch.autograd.grad((h64, r64), [x64, res64] + ([g64] if gate else []), (dh.double(), dr))
+    # r: float64's sum to a few float64 roundings of ~1e3 (gate * x of fp32 factors is exact in float64)
+    torch.testing.assert_close(r, r64.detach(), rtol=0, atol=1e-9)
+    # h: fp32 values of size ~3
+    torch.testing.assert_close(h.double(), h64.detach(), rtol=0, atol=1e-5)
+    # dresidual: dr exactly, plus an fp32 term of size ~1 (a few fp32 roundings: 1e-6)
+    torch.testing.assert_close(grads[1], grads64[1], rtol=0, atol=1e-5)
+    # dx (fp32, ~1e3: 2 fp32 roundings of it) and dgate (an fp32 sum of 3 terms ~1e3)
+    torch.testing.assert_close(grads[0].double(), grads64[0], rtol=0, atol=4e-4)
+    if gate:
+        torch.testing.assert_close(grads[2].double(), grads64[2], rtol=0, atol=1e-3)
