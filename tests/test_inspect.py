@@ -56,7 +56,8 @@ facts["finish"] = asdict(di.code_facts(di._finish_spec(6))[0])
 odd = D.plan_forward(64, 383, 383, bf16, (f32, f32, f32), D.Flags(True, True, False, False), H).spec
 odd_facts = di.code_facts(odd)[0]
 json.dump({"rows": [{**asdict(r), "side_pct": r.side_pct} for r in rows], "facts": facts,
-           "odd": asdict(odd_facts), "odd_vector_ok": odd_facts.vector_ok()}, open(sys.argv[1], "w"))
+           "odd": asdict(odd_facts), "odd_vector_ok": odd_facts.vector_ok(), "table": di.format_table(rows),
+           "triton": __import__("triton").__version__}, open(sys.argv[1], "w"))
 """
 
 
@@ -152,3 +153,33 @@ def test_command_prints_table_and_dumps(tmp_path):
     assert any(n.startswith("dyt_bwd_kernel") and n.endswith(".sass") for n in names), names
     assert any(n.startswith("modulate_fwd_kernel") and n.endswith(".ptx") for n in names), names
     assert any(n.startswith("finish_kernel") for n in names), names
+
+
+# The Triton whose ptxas made the tables in README and docs/PERFORMANCE.md: another version allocates
+# registers differently, so the tables are checked only under it.
+DOCS_TRITON = "3.8."
+
+
+def test_docs_tables_show_the_report_as_it_is(result):
+    """Every row of the quick report stands in docs/PERFORMANCE.md exactly as inspect prints it, and in
+    README's shorter table (same values, fewer columns) where README has that row: a kernel change that
+    moves registers, occupancy or the estimate shows up here instead of leaving the docs behind."""
+    if not result["triton"].startswith(DOCS_TRITON):
+        pytest.skip(f"the tables were made with Triton {DOCS_TRITON}x, this is {result['triton']}")
+    rows = [line for line in result["table"].splitlines() if line.startswith(("| dyt", "| modulate"))]
+    assert len(rows) == 2 * 5
+    performance = (ROOT / "docs" / "PERFORMANCE.md").read_text().splitlines()
+    stale = [row for row in rows if row not in performance]
+    readme = {tuple(_cells(line)[:2]): line for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith(("| dyt", "| modulate"))}
+    for row in rows:
+        c = _cells(row)
+        short = "| " + " | ".join([*c[:4], c[4].split("(")[1].rstrip(")"), c[5], *c[7:11], c[13]]) + " |"
+        if tuple(c[:2]) in readme and readme[tuple(c[:2])] != short:
+            stale.append(f"README: {short}")
+    assert not stale, ("the static report has changed; refresh README's and docs/PERFORMANCE.md's tables "
+                       "from python -m dyt_kernels.inspect:\n" + "\n".join(stale))
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
