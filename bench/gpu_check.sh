@@ -8,8 +8,8 @@
 #   1. gpu-tests   the tests that need a GPU first (direct launches, CUDA graphs, devices, tanh forms
 #                  on the hardware, 2^31 elements, the compiled routes on CUDA, dynamic shapes there)
 #      tests       then the rest of python -m pytest tests, on CUDA (TRITON_INTERPRET unset: compiled
-#                  kernels). Both stop with SIGINT, so pytest still reports what failed before the
-#                  deadline (CI runs the whole suite on CPU)
+#                  kernels), the kernels' numeric files first. Both stop with SIGINT, so pytest still
+#                  reports what failed before the deadline (CI runs the whole suite on CPU)
 #   2. inspect     python -m dyt_kernels.inspect --json: the static report (registers, round trips,
 #                  the model's estimates) as this machine's Triton compiles the kernels
 #   3. host        python -m bench host: host time per call with real launches
@@ -153,9 +153,20 @@ if [ "$CUDA" -eq 1 ]; then
   STAGE_SIGNAL=INT stage gpu-tests "$GPU_TESTS_S" "$PY" -m pytest -q -rfE "${GPU_TESTS[@]}" \
     --deselect tests/test_direct.py::test_the_c_launch_gets_what_tritons_launcher_would_pass \
     --deselect tests/test_direct.py::test_direct_launches_run_the_kernel_specialized_for_their_integers
-  STAGE_SIGNAL=INT stage tests "$TESTS_S" "$PY" -m pytest -q -rfE tests \
-    --ignore=tests/test_direct.py --ignore=tests/test_cuda_graphs.py --ignore=tests/test_devices.py \
-    --ignore=tests/test_tanh.py --deselect "${GPU_TESTS[4]}" --deselect "${GPU_TESTS[5]}" --deselect "${GPU_TESTS[6]}"
+  # The kernels' numerics on the hardware first (its tanh forms are not the interpreter's), then every
+  # other file alphabetically: the stage rarely finishes, so what it reaches should be what matters most.
+  FIRST=(test_dyt test_modulate test_extremes test_layouts test_neg_views test_autograd test_signature_cache
+         test_modules test_dynamic_shapes test_saved_hooks test_transforms test_subclasses)
+  ORDERED=()
+  for f in "${FIRST[@]}"; do [ -f "tests/$f.py" ] && ORDERED+=("tests/$f.py"); done
+  for f in tests/test_*.py; do
+    case " ${ORDERED[*]} tests/test_direct.py tests/test_cuda_graphs.py tests/test_devices.py tests/test_tanh.py " in
+      *" $f "*) ;;
+      *) ORDERED+=("$f") ;;
+    esac
+  done
+  STAGE_SIGNAL=INT stage tests "$TESTS_S" "$PY" -m pytest -q -rfE "${ORDERED[@]}" \
+    --deselect "${GPU_TESTS[4]}" --deselect "${GPU_TESTS[5]}" --deselect "${GPU_TESTS[6]}"
 else
   log "== gpu-tests, tests: skipped, no CUDA (CI runs the suite on CPU)"
   record gpu-tests "skipped (no CUDA)" 0; record tests "skipped (no CUDA)" 0
