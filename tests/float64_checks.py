@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from dyt_kernels import dyt, dyt_modulate, use_backend
-from helpers import (FP32_EPS, TANH_APPROX_ERR, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol,
+from helpers import (FP32_EPS, TANH_F32_ABS_ERR, assert_close_3way, assert_fresh, elementwise_atol,
                      eps, max_abs, max_abs_err, poisoned_empty, reduction_atol, rms, tanh_abs_err)
 
 DYT_GRADS = ("x", "alpha", "weight", "bias")
