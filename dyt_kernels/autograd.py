@@ -46,6 +46,16 @@ def _library_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gat
 
 
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def _formulas_only(dy, dr=None) -> bool:
+    """Whether a backward must take reference.py's formulas rather than the kernels: create_graph=True
+    (grad mode on; the kernels are not differentiable), or gradients batched by the legacy vmap that
+    torch.autograd.grad(..., is_grads_batched=True) runs the backward under (autograd.functional's
+    jacobian and hessian with vectorize=True): those tensors have no storage for a kernel to read
+    ("Cannot access storage of BatchedTensorImpl"), torch ops have their batching rules."""
+    return torch.is_grad_enabled() or _legacy_batched(dy) or (dr is not None and _legacy_batched(dr))
 
 
 def _backward_slot(slot):
@@ -79,9 +89,10 @@ class DyTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():
+        if _formulas_only(dy):
             # create_graph=True (a gradient penalty): the kernels are not differentiable, the
             # reference formulas are; they give the same gradients in torch ops autograd can follow.
+            # Batched gradients (is_grads_batched=True): the same formulas, under vmap.
             return (*reference.dyt_backward(dy, *ctx.saved_tensors, ctx.bias, ctx.channels_last), None, None)
         return (*dyt_ops.backward(dy, *ctx.saved_tensors, ctx.bias, ctx.channels_last, slot=ctx.slot), None, None)
 
@@ -182,7 +193,7 @@ class DyTModulateFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dr=None):
-        if torch.is_grad_enabled():   # create_graph=True: the differentiable reference formulas
+        if _formulas_only(dh, dr):   # create_graph=True, batched gradients: the reference formulas
             return (*_modulate_backward(ctx, dh, dr, reference.dyt_modulate_grads), None)
         return (*_modulate_backward(ctx, dh, dr, mod_ops.backward, slot=ctx.slot), None)
 
