@@ -47,15 +47,22 @@ def _library_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gat
 
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _storeless(t) -> bool:
+    """Whether a gradient is a batched or transformed wrapper with no storage of its own: the legacy
+    vmap's, which torch.autograd.grad(..., is_grads_batched=True) runs the backward under
+    (autograd.functional's jacobian and hessian with vectorize=True), or a functorch wrapper
+    (torch.func.vmap over torch.autograd.grad of a graph built outside it)."""
+    return _legacy_batched(t) or _functorch_wrapped(t)
 
 
 def _formulas_only(dy, dr=None) -> bool:
     """Whether a backward must take reference.py's formulas rather than the kernels: create_graph=True
-    (grad mode on; the kernels are not differentiable), or gradients batched by the legacy vmap that
-    torch.autograd.grad(..., is_grads_batched=True) runs the backward under (autograd.functional's
-    jacobian and hessian with vectorize=True): those tensors have no storage for a kernel to read
-    ("Cannot access storage of BatchedTensorImpl"), torch ops have their batching rules."""
-    return torch.is_grad_enabled() or _legacy_batched(dy) or (dr is not None and _legacy_batched(dr))
+    (grad mode on; the kernels are not differentiable), or a gradient with no storage for a kernel to
+    read ("Cannot access storage of BatchedTensorImpl"; torch ops have their batching rules)."""
+    return torch.is_grad_enabled() or _storeless(dy) or (dr is not None and _storeless(dr))
 
 
 def _backward_slot(slot):

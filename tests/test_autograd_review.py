@@ -75,3 +75,24 @@ def test_batched_gradients_of_dyt_modulate(backend, outputs):
             grads = torch.autograd.grad([h, r], p, [vh, vr], is_grads_batched=True)
             grads64 = torch.autograd.grad([h64, r64], q, [vh.double(), vr.double()], is_grads_batched=True)
         _assert_grads(grads, grads64)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vmap_over_autograd_grad(backend):
+    """torch.func.vmap over torch.autograd.grad of a graph built outside it (vector-Jacobian products
+    for many vectors at once): the backward gets functorch BatchedTensors, which the Triton backward
+    handed to the kernels ('Cannot access storage of BatchedTensorImpl')."""
+    x, a, w, b = _leaves(torch.randn(B, L, D), torch.rand(1) + 0.5, torch.randn(D), torch.randn(D))
+    p = _modulate_inputs()
+    v = torch.randn(4, B, L, D)
+    with use_backend(backend):
+        y = dyt(x, a, w, b)
+        h, r = _modulate(dyt_modulate, *p)
+        for _ in range(2):   # the second call: the signature's cached backward
+            grads = torch.func.vmap(lambda u: torch.autograd.grad(y, [x, a, w, b], u, retain_graph=True))(v)
+            mod_grads = torch.func.vmap(lambda u: torch.autograd.grad([h, r], p, [u, 2 * u], retain_graph=True))(v)
+    q = _leaves64(x, a, w, b)
+    _assert_grads(grads, torch.autograd.grad(dyt_formula(*q), q, v.double(), is_grads_batched=True))
+    q = _leaves64(*p)
+    h64, r64 = _modulate(modulate_formula, *q)
+    _assert_grads(mod_grads, torch.autograd.grad([h64, r64], q, [v.double(), 2 * v.double()], is_grads_batched=True))
