@@ -96,3 +96,102 @@ def test_vmap_over_autograd_grad(backend):
     q = _leaves64(*p)
     h64, r64 = _modulate(modulate_formula, *q)
     _assert_grads(mod_grads, torch.autograd.grad([h64, r64], q, [v.double(), 2 * v.double()], is_grads_batched=True))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_hook_on_r_sees_the_gradient_of_its_later_uses(backend):
+    """r is an output of one fused op that also feeds the norm inside it, so a tensor hook on r (and
+    r.retain_grad()) sees the gradient from r's later uses only; the norm's part (alpha * dz, through
+    h) is added inside the op's backward. In an unfused block, where h is computed from r, r's hook
+    sees the sum. Both backends, float64 autograd of the formula with the norm reading r before the
+    hook: a hook that scales r's gradient scales only that part."""
+    p = _modulate_inputs()
+    q = _leaves64(*p)
+    with use_backend(backend):
+        h, r = _modulate(dyt_modulate, *p)
+    r.retain_grad()
+    r.register_hook(lambda g: 3 * g)
+    x, alpha, weight, bias, mods, residual = q
+    shift, scale, gate = mods.chunk(3, dim=-1)
+    r64 = residual + gate[:, None] * x
+    h64, _ = modulate_formula(r64, alpha, shift, scale, weight, bias)   # the norm reads r64 itself
+    r_out = r64.view_as(r64)                                          # the output later uses see
+    r_out.retain_grad()
+    r_out.register_hook(lambda g: 3 * g)
+    dh, dr = torch.randn(B, L, D), torch.randn(B, L, D)
+    torch.autograd.backward([h, r], [dh, dr])
+    torch.autograd.backward([h64, r_out], [dh.double(), dr.double()])
+    torch.testing.assert_close(r.grad.double(), r_out.grad)   # dr itself: the hook runs after retain_grad
+    _assert_grads([t.grad for t in p], [t.grad for t in q])
+
+
+@pytest.fixture
+def serial_interpreter(monkeypatch):
+    """Triton's interpreter patches triton.language globally while it runs a kernel, so two threads
+    interpreting at once break each other ('Did you forget to add @triton.jit ?'); on the CPU the
+    kernels run one at a time, while everything around them (checks, signatures, slots, Functions)
+    interleaves. On a GPU the launches themselves race."""
+    from dyt_kernels.backend import INTERPRETER
+    if INTERPRETER:
+        import threading
+
+        from triton.runtime import interpreter
+        lock, run = threading.Lock(), interpreter.GridExecutor.__call__
+
+        def serial(self, *args, **kwargs):
+            with lock:
+                return run(self, *args, **kwargs)
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", serial)
+
+
+def test_threads_share_signatures_and_slots(serial_interpreter):
+    """Threads calling dyt and dyt_modulate at once, forward and backward, on one signature (the first
+    calls racing to create and fill its slot: the signatures start empty), a shape of their own, and
+    the torch backend beside the Triton one; every result against float64."""
+    import sys
+    import threading
+
+    from dyt_kernels import functional
+    interval = sys.getswitchinterval()
+    functional._VALIDATED.clear()
+    functional._VALIDATED_MOD.clear()
+    plans = [("triton", B), ("triton", B), ("triton", B + 1), ("torch", B)]
+    barrier, failures = threading.Barrier(len(plans)), []
+
+    def work(backend, batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        try:
+            barrier.wait()
+            for _ in range(6):
+                x, a, w, b = _leaves(torch.randn(batch, L, D, generator=g), torch.rand(1, generator=g) + 0.5,
+                                     torch.randn(D, generator=g), torch.randn(D, generator=g))
+                p = _leaves(torch.randn(batch, L, D, generator=g), torch.rand(1, generator=g) + 0.5,
+                            torch.randn(D, generator=g), torch.randn(D, generator=g),
+                            torch.randn(batch, 3 * D, generator=g), torch.randn(batch, L, D, generator=g))
+                dy = torch.randn(batch, L, D, generator=g)
+                with use_backend(backend):
+                    y = dyt(x, a, w, b)
+                    grads = torch.autograd.grad(y, [x, a, w, b], dy)
+                    h, r = _modulate(dyt_modulate, *p)
+                    mod_grads = torch.autograd.grad([h, r], p, [dy, 2 * dy])
+                q = _leaves64(x, a, w, b)
+                y64 = dyt_formula(*q)
+                torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+                _assert_grads(grads, torch.autograd.grad(y64, q, dy.double()))
+                q = _leaves64(*p)
+                h64, r64 = _modulate(modulate_formula, *q)
+                torch.testing.assert_close(h.double(), h64, rtol=1e-5, atol=1e-5)
+                _assert_grads(mod_grads, torch.autograd.grad([h64, r64], q, [dy.double(), 2 * dy.double()]))
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            failures.append(f"{backend}, batch {batch}: {type(e).__name__}: {e}")
+
+    sys.setswitchinterval(1e-6)   # a thread switch every few bytecodes
+    try:
+        threads = [threading.Thread(target=work, args=(*plan, i)) for i, plan in enumerate(plans)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures
