@@ -195,3 +195,30 @@ def test_threads_share_signatures_and_slots(serial_interpreter):
     finally:
         sys.setswitchinterval(interval)
     assert not failures, failures
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_keeps_x_dtype_and_fp32_parameter_gradients(backend, device):
+    """Linear -> DyT -> Linear under bf16 autocast: DyT is on no autocast list, so it computes in fp32
+    and returns its input's dtype, the Linear's bf16 (README: outputs in x's dtype). A LayerNorm there
+    returns fp32 on CUDA (autocast's fp32 list); the next Linear casts either to bf16, the same
+    round-to-nearest. The parameters' gradients come back fp32 and agree with float64 to bf16's
+    precision (the Linears' bf16 products dominate; 3e-2 of the largest is ~4 bf16 ulps)."""
+    torch.manual_seed(0)
+    first, norm, last = torch.nn.Linear(D, D), DyT(D), torch.nn.Linear(D, D)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(4 * L, D)
+    with use_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        z = norm(first(x))
+        out = last(z)
+    assert z.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    params = list(norm.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    q = _leaves64(*params)
+    h = torch.nn.functional.linear(x.double(), first.weight.double(), first.bias.double())
+    out64 = torch.nn.functional.linear(dyt_formula(h, *q), last.weight.double(), last.bias.double())
+    for p, g64 in zip(params, torch.autograd.grad(out64.pow(2).sum(), q)):
+        torch.testing.assert_close(p.grad.double(), g64, rtol=0, atol=3e-2 * g64.abs().max().item())
