@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
@@ -135,8 +136,8 @@ def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alp
                      scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate: Optional[Tensor],
                      has_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dgate, dshift, dscale, dweight, dbias, dalpha), each shaped and typed like its
-    input; absent ones come back empty, and so does dresidual, which equals dx without a gate
-    (custom-op outputs may not alias)."""
+    input; absent ones come back empty, and so do dresidual, which equals dx without a gate, and a
+    per-token shift's dshift, which is dh (custom-op outputs may not alias; _mod_grads)."""
     r = r if has_residual else x
     if x.is_cuda:
         if _symbolic(dh, dr, x, r, alpha, shift, scale, weight, bias, gate):
@@ -146,7 +147,7 @@ def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alp
                                  launch=wrap_triton)
     else:
         grads = reference.dyt_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
-    return _mod_grads(grads, x, r, has_residual, gate)
+    return _mod_grads(grads, x, r, has_residual, gate, shift)
 
 
 def dres_is_dx(x: Tensor, r: Tensor, gate: Optional[Tensor], has_residual: bool) -> bool:
@@ -157,12 +158,25 @@ def dres_is_dx(x: Tensor, r: Tensor, gate: Optional[Tensor], has_residual: bool)
     return has_residual and not mod_ops.writes_dx(x, r, gate, has_residual)
 
 
-def _mod_grads(grads, x: Tensor, r: Tensor, has_residual: bool, gate: Optional[Tensor]) -> tuple:
-    """The op's outputs from mod_ops.backward's list: dresidual left out where it is dx (dres_is_dx)."""
+def _mod_grads(grads, x: Tensor, r: Tensor, has_residual: bool, gate: Optional[Tensor], shift: Tensor) -> tuple:
+    """The op's outputs from mod_ops.backward's list: dresidual left out where it is dx (dres_is_dx),
+    and a per-token shift's gradient (dh itself) left out: empty, or shaped like shift where shift
+    is itself empty (a per-token shift of 0 elements), so that the callers, which take an empty
+    dshift beside a non-empty shift for "dh", are handed a gradient of shift's shape either way."""
     grads = list(grads)
     if dres_is_dx(x, r, gate, has_residual):
         grads[1] = None
+    if grads[3] is None and guard_or_false(shift.numel() == 0):
+        grads[3] = shift.new_empty(shift.shape)
     return _or_empty(grads, x)
+
+
+def _shift_grad(dshift: Tensor, dh: Tensor, shift: Tensor) -> Tensor:
+    """shift's gradient from the op's dshift: dh itself where the op left it out (a per-token shift),
+    in shift's dtype, as autograd.py's fused route takes it."""
+    if dshift.numel() == 0 and guard_or_true(shift.numel() != 0):
+        return dh if dh.dtype == shift.dtype else dh.to(shift.dtype)
+    return dshift
 
 
 @torch.library.custom_op("dyt_kernels::dyt_modulate_bwd_dynamic", mutates_args=())
@@ -172,13 +186,13 @@ def dyt_modulate_bwd_dynamic(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Ten
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dyt_modulate_bwd traced with symbolic sizes (_symbolic): planned and launched when the graph runs."""
     grads = mod_ops.backward(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
-    return _mod_grads(grads, x, r, has_residual, gate)
+    return _mod_grads(grads, x, r, has_residual, gate, shift)
 
 
 @dyt_modulate_bwd_dynamic.register_fake
 def _(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual):
     return _mod_grads(mod_ops.grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual), x, r,
-                      has_residual, gate)
+                      has_residual, gate, shift)
 
 
 def _mod_setup(ctx, inputs, output):
@@ -195,8 +209,8 @@ def _mod_backward(ctx, dh, dr):
     if dres_is_dx(x, r, gate, ctx.has_residual):
         dres = dx
     opt = lambda g, p: None if p is None else g  # noqa: E731
-    return (dx, da, dshift, dscale, opt(dw, weight), opt(db, bias), dres if ctx.has_residual else None,
-            opt(dgate, gate))
+    return (dx, da, _shift_grad(dshift, dh, shift), dscale, opt(dw, weight), opt(db, bias),
+            dres if ctx.has_residual else None, opt(dgate, gate))
 
 
 dyt_modulate_fwd.register_autograd(_mod_backward, setup_context=_mod_setup)

@@ -1,0 +1,58 @@
+"""torch.compile and torch.export review: inputs where a compiled or exported call parted from eager.
+
+Each test here failed on the code before its fix (docs/bad_inputs.md names it). The compiled routes
+are forced on CPU the way a CUDA tensor takes them (test_dynamic_shapes._force: on CPU the custom ops
+compute with reference.py), and compiled with aot_eager: AOTAutograd traces the forward and the
+backward as inductor is given them, without inductor's CPU compile time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyt_kernels import dyt_modulate, use_backend
+from float64_checks import modulate_formula
+from test_dynamic_shapes import _force
+
+ROUTES = ["torch", "fused", "opaque"]
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("case", ["per-token", "per-token, residual and gate", "per-token, empty"])
+def test_compiled_per_token_shift_gradient(route, case, monkeypatch):
+    """A per-token shift (B, L, D) has dh itself as its gradient, which the backward custom op leaves
+    out (an output may not alias an input). use_backend("triton") under compile (the opaque route)
+    returned the op's empty placeholder as shift's gradient: backward raised "returned an invalid
+    gradient at index 2 - got [0] but expected shape compatible with [B, L, D]". The fused route
+    took the placeholder for dh only beside a non-empty shift, so a per-token shift of 0 elements
+    (D = 0) raised the same. Both now give float64's gradients."""
+    backend = _force(route, monkeypatch)
+    torch._dynamo.reset()
+    B, L, D = (2, 5, 0) if case.endswith("empty") else (2, 5, 8)
+    with_residual = "residual" in case
+    x, shift, scale, res, gate = (torch.randn(B, L, D) for _ in range(5))
+    ins = _leaves(x, torch.tensor([0.6]), shift, torch.randn(B, D), torch.randn(D), torch.randn(D),
+                  res if with_residual else None, gate if with_residual else None)
+
+    def f(x, alpha, shift, scale, weight, bias, residual, gate):
+        out = dyt_modulate(x, alpha, shift, scale, weight, bias, residual=residual, gate=gate)
+        return out if residual is None else out[0] * out[1]
+
+    with use_backend(backend):
+        out = torch.compile(f, backend="aot_eager", fullgraph=True)(*ins)
+    dout = torch.randn_like(out)
+    live = [t for t in ins if t is not None]
+    grads = torch.autograd.grad(out, live, dout)
+    ins64 = _leaves(*(None if t is None else t.double() for t in ins))
+    h64, r64 = modulate_formula(*ins64)
+    want = h64 if not with_residual else h64 * r64
+    live64 = [t for t in ins64 if t is not None]
+    want_grads = torch.autograd.grad(want, live64, dout.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    for g, g64, t in zip(grads, want_grads, live):
+        assert g.shape == t.shape
+        torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-5)   # fp32 sums over <= 10 rows
