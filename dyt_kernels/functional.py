@@ -6,6 +6,7 @@ autograd.py's fused or opaque paths for Triton.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -27,6 +28,9 @@ from ._signatures import Signatures, absent
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+# The float32 rounding of a real number of at least this magnitude is infinite: the midpoint between
+# the largest float32, 2^128 - 2^104, and 2^128, which rounds to even, i.e. up.
+_FP32_ROUNDS_TO_INF = 2.0 ** 128 - 2.0 ** 103
 
 
 def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
@@ -43,7 +47,10 @@ def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
         if x.dtype == torch.float64:
             alpha = torch.full((1,), value, device=x.device, dtype=torch.float64)
         elif abs(value) > _FP32_MAX and value == value:   # rounds to +-inf (or to the max, at its edge)
-            alpha = torch.tensor([value], device=x.device, dtype=torch.float32)
+            # rounded here, as torch.tensor([value], dtype=torch.float32) rounds it: traced
+            # (torch.compile, torch.export), that tensor is a float32 constant, which refuses it
+            big = _FP32_MAX if abs(value) < _FP32_ROUNDS_TO_INF else math.inf
+            alpha = torch.full((1,), big if value > 0 else -big, device=x.device, dtype=torch.float32)
         else:
             alpha = torch.full((1,), value, device=x.device, dtype=torch.float32)
     return _as_alpha(alpha, x, channels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dyt_kernels import dyt_modulate, use_backend
+from dyt_kernels import dyt, dyt_modulate, use_backend
 from float64_checks import modulate_formula
 from test_dynamic_shapes import _force
 
@@ -56,3 +56,27 @@ def test_compiled_per_token_shift_gradient(route, case, monkeypatch):
     for g, g64, t in zip(grads, want_grads, live):
         assert g.shape == t.shape
         torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-5)   # fp32 sums over <= 10 rows
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_compiled_python_alpha_past_float32_range(route, monkeypatch):
+    """A Python alpha past float32's range with a float32 x (`dyt(x, 1e39)`): eager rounds it to
+    +-inf (or to +-max just above max) as `1e39 * x` does (row 91), but traced, the float32 tensor
+    eager made of it was a constant that refused it: torch.compile raised "value cannot be converted
+    to type float without overflow". Now the compiled call gives eager's result to the bit, NaN where
+    eager's is (x = 0)."""
+    backend = _force(route, monkeypatch)
+    torch._dynamo.reset()
+    fp32_max = torch.finfo(torch.float32).max
+    x = torch.tensor([[0.0, 1.5, -2.0, 1e-30, -1e-38, 3.0]])
+    shift, scale = torch.randn(1, 6), torch.randn(1, 6)
+    f = torch.compile(lambda x, a: (dyt(x, a), dyt_modulate(x[None], a, shift, scale)), backend="aot_eager",
+                      fullgraph=True)
+    for alpha in [1e39, -1e300, fp32_max * (1 + 1e-9), -(2.0 ** 128 - 2.0 ** 104)]:
+        with use_backend(backend):
+            got = f(x, alpha)
+        with use_backend("torch"):
+            want = dyt(x, alpha), dyt_modulate(x[None], alpha, shift, scale)
+        for g, w in zip(got, want):
+            assert torch.equal(g.isnan(), w.isnan()), (alpha, g, w)
+            assert torch.equal(g.nan_to_num(), w.nan_to_num()), (alpha, g, w)
