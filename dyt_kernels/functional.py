@@ -27,6 +27,11 @@ from .ops.direct import _current_device as _cuda_device
 from ._signatures import Signatures, absent
 
 
+try:   # torch imports numpy where it is installed; a numpy scalar alpha needs it (as_alpha)
+    import numpy as _np
+except ImportError:   # pragma: no cover
+    _np = None
+
 _FP32_MAX = torch.finfo(torch.float32).max
 # The float32 rounding of a real number of at least this magnitude is infinite: the midpoint between
 # the largest float32, 2^128 - 2^104, and 2^128, which rounds to even, i.e. up.
@@ -39,7 +44,9 @@ def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
     computation exact to 1e-16), else in float32, a value past its range rounding to +-inf as the
     cast of a Python scalar does (torch.full refuses to round it: "cannot be converted to type
     float without overflow"). Everything else (tensors, bools, the wrong types) goes to the checks."""
-    if isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, Tensor)):
+    if _np is not None and isinstance(alpha, _np.ndarray) and torch.compiler.is_compiling():
+        alpha = _traced_numpy_alpha(alpha, x)
+    elif isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, Tensor)):
         try:
             value = float(alpha)
         except OverflowError:   # an int past float64's range: the checks' own error
@@ -54,6 +61,20 @@ def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
         else:
             alpha = torch.full((1,), value, device=x.device, dtype=torch.float32)
     return _as_alpha(alpha, x, channels)
+
+
+def _traced_numpy_alpha(alpha, x: Tensor):
+    """A numpy scalar alpha as torch.compile traces it: dynamo hands it in as a 0-d ndarray (which
+    the checks refuse by name), so it is taken here as eager takes the number: a real value through
+    float64 (as float(alpha) goes), then in x's compute dtype, a float32 past its range rounding to
+    +-inf as the cast does. Other arrays (bool, complex, n-d) go to the checks as they are."""
+    if alpha.ndim != 0:
+        return alpha
+    t = torch.as_tensor(alpha)
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        return alpha
+    t = t.to(device=x.device, dtype=torch.float64).reshape(1)
+    return t if x.dtype == torch.float64 else t.to(torch.float32)
 
 
 def _compiled_route(x: Tensor) -> str:

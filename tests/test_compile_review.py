@@ -80,3 +80,29 @@ def test_compiled_python_alpha_past_float32_range(route, monkeypatch):
         for g, w in zip(got, want):
             assert torch.equal(g.isnan(), w.isnan()), (alpha, g, w)
             assert torch.equal(g.nan_to_num(), w.nan_to_num()), (alpha, g, w)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_compiled_numpy_scalar_alpha(route, monkeypatch):
+    """A numpy scalar alpha (`dyt(x, np.float32(0.6))`, an alpha read from a numpy config), which eager
+    takes as the number: dynamo hands it in as a 0-d ndarray, and torch.compile raised "alpha must be
+    a real number or a torch.Tensor, got ndarray". Now eager's result to the bit, float64 x included
+    (np.float64(0.1) kept in float64), a float32 x with an np.float64 past float32's range rounding
+    to inf; gradients of x as eager's; one graph for new values of the same numpy dtype."""
+    np = pytest.importorskip("numpy")
+    backend = _force(route, monkeypatch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    f = torch.compile(lambda x, a: dyt(x, a) * 2, backend="aot_eager", fullgraph=True)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+        for alpha in (np.float32(0.6), np.float32(-1.3), np.float64(0.1), np.float64(1e39), np.int64(3)):
+            with use_backend(backend):
+                got = f(x, alpha)
+            with use_backend("torch"):
+                want = dyt(x, alpha) * 2
+            assert torch.equal(got, want), (dtype, alpha)
+            dx, dx_want = (torch.autograd.grad(y.sum(), x)[0] for y in (got, want))
+            torch.testing.assert_close(dx, dx_want, equal_nan=True)   # (autograd's tanh backward vs the explicit formula)
+    # a graph per (x dtype, numpy dtype), and one more where a value first changes: not one per value
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8
