@@ -106,3 +106,33 @@ def test_compiled_numpy_scalar_alpha(route, monkeypatch):
             torch.testing.assert_close(dx, dx_want, equal_nan=True)   # (autograd's tanh backward vs the explicit formula)
     # a graph per (x dtype, numpy dtype), and one more where a value first changes: not one per value
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8
+
+
+class _PerToken(torch.nn.Module):
+    def forward(self, x, alpha, shift, scale, residual, gate):
+        h, r = dyt_modulate(x, alpha, shift, scale, residual=residual, gate=gate)
+        return h * r
+
+
+@pytest.mark.xfail(strict=True, reason="dyt_kernels/_checks.check_modulation compares tuple(m.shape) with "
+                   "(B, D) before (B, L, D); a per-token (B, L, D) modulation's L meets D there, and "
+                   "torch.export(strict=False) records the guard L != D, refusing a Dim on L. The fix is in "
+                   "_checks.py (compare by rank first); this test passes once it lands")
+def test_export_per_token_modulation_with_a_sequence_dim():
+    """torch.export (non-strict, torch's default) of dyt_modulate with per-token shift, scale and gate
+    ((B, L, D)) and Dims on B and L raised "Constraints violated (L)! Not all values of L satisfy the
+    generated guard L != 8" (D = 8): a model with per-token modulation could not be exported with a
+    dynamic sequence length. Strict export and torch.compile trace the tuple comparison by length
+    and add no guard. Wanted: the program runs at other sizes, L = D included, to float64."""
+    B, L = torch.export.Dim("B"), torch.export.Dim("L")
+    BL = {0: B, 1: L}
+
+    def args(b, l, D=8):   # noqa: E741
+        return (torch.randn(b, l, D), torch.tensor([0.6]), torch.randn(b, l, D), torch.randn(b, l, D),
+                torch.randn(b, l, D), torch.randn(b, l, D))
+
+    ep = torch.export.export(_PerToken(), args(2, 3), dynamic_shapes=(BL, None, BL, BL, BL, BL), strict=False)
+    for b, l in [(3, 5), (2, 8), (4, 2)]:   # noqa: E741
+        a = args(b, l)
+        h64, r64 = modulate_formula(*(t.double() for t in a[:4]), None, None, *(t.double() for t in a[4:]))
+        torch.testing.assert_close(ep.module()(*a).double(), h64 * r64, atol=1e-5, rtol=1e-5)
