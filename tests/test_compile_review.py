@@ -15,6 +15,7 @@ from float64_checks import modulate_formula
 from test_dynamic_shapes import _force
 
 ROUTES = ["torch", "fused", "opaque"]
+OPS = torch.ops.dyt_kernels
 
 
 def _leaves(*ts):
@@ -103,7 +104,8 @@ def test_compiled_numpy_scalar_alpha(route, monkeypatch):
                 want = dyt(x, alpha) * 2
             assert torch.equal(got, want), (dtype, alpha)
             dx, dx_want = (torch.autograd.grad(y.sum(), x)[0] for y in (got, want))
-            torch.testing.assert_close(dx, dx_want, equal_nan=True)   # (autograd's tanh backward vs the explicit formula)
+            # autograd's tanh backward (compiled torch route) against the explicit formula (eager)
+            torch.testing.assert_close(dx, dx_want, equal_nan=True)
     # a graph per (x dtype, numpy dtype), and one more where a value first changes: not one per value
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8
 
@@ -136,3 +138,87 @@ def test_export_per_token_modulation_with_a_sequence_dim():
         a = args(b, l)
         h64, r64 = modulate_formula(*(t.double() for t in a[:4]), None, None, *(t.double() for t in a[4:]))
         torch.testing.assert_close(ep.module()(*a).double(), h64 * r64, atol=1e-5, rtol=1e-5)
+
+
+def _odd(shape, kind, dtype, device, requires_grad=True):
+    """A tensor of `shape` in an odd layout: contiguous, transposed (every dim reversed in memory),
+    expanded from size 1 in dim 0, or a step-2 slice of the last dim."""
+    if kind == "transposed" and len(shape) > 1:
+        t = torch.randn(shape[::-1], device=device).permute(*reversed(range(len(shape))))
+    elif kind == "expanded" and len(shape) > 1:
+        t = torch.randn(1, *shape[1:], device=device).expand(shape)
+    elif kind == "sliced":
+        t = torch.randn(*shape[:-1], 2 * shape[-1], device=device)[..., ::2]
+    else:
+        t = torch.randn(shape, device=device)
+    return t.to(dtype).detach().requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_modulate_ops_pass_opcheck_on_odd_inputs(index, device):
+    """torch.library.opcheck of the four dyt_modulate custom ops (the triton_ops the compiled routes
+    call, never opchecked before, and their `*_dynamic` twins) on seeded odd inputs: transposed,
+    expanded, sliced and empty tensors, (B, D) / (B, 1, D) / (B, L, D) modulations, a residual in
+    another dtype, a per-channel alpha, inputs that require grad (opcheck then runs the registered
+    backward under AOTAutograd, which raised for a per-token shift before row 108's fix; the
+    `*_dynamic` ops, which have no autograd of their own, get the same values detached)."""
+    import random
+    rng = random.Random(f"compile-review/{index}")
+    B, L, D = rng.choice([(2, 3, 8), (1, 1, 5), (3, 4, 16), (2, 5, 0), (0, 3, 4)])
+    layouts = ["contiguous", "transposed", "expanded", "sliced"]
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    x = _odd((B, L, D), rng.choice(layouts), dtype, device)
+    mods = []
+    for _ in range(3):
+        shape = rng.choice([(B, D), (B, 1, D), (B, L, D)])
+        mods.append(_odd(shape, rng.choice(layouts), dtype, device))
+    shift, scale, gate = mods
+    res = _odd((B, L, D), rng.choice(layouts), rng.choice([dtype, torch.float32]), device) if index % 4 else None
+    gate = gate if res is not None and index % 2 else None
+    alpha = _odd((1,) if rng.random() < 0.5 else (D,), "contiguous", torch.float32, device).abs() + 0.3
+    alpha = alpha.detach().requires_grad_()
+    w, b = (_odd((D,), "contiguous", torch.float32, device) for _ in range(2)) if index % 3 else (None, None)
+    args = (x, alpha, shift, scale, w, b, res, gate)
+    torch.library.opcheck(OPS.dyt_modulate_fwd, args)
+    # (the *_dynamic ops run inside dyt_modulate_fwd's body, whose autograd covers them: none of their own)
+    detached = tuple(None if t is None else t.detach() for t in args)
+    torch.library.opcheck(OPS.dyt_modulate_fwd_dynamic, detached)
+    with torch.no_grad():
+        h, r = OPS.dyt_modulate_fwd(*args)
+    has_res = res is not None
+    dh, dr = torch.randn_like(h), (torch.randn_like(r) if has_res else None)
+    xd, alphad, shiftd, scaled, wd, bd, _, gated = detached
+    bwd_args = (dh, dr, xd, r if has_res else xd, alphad, shiftd, scaled, wd, bd, gated, has_res)
+    for op in (OPS.dyt_modulate_bwd, OPS.dyt_modulate_bwd_dynamic):
+        torch.library.opcheck(op, bwd_args)
+
+
+_DYT_ODD = {   # id: (shape, layout, channels_last, dtype, per-channel alpha, affine)
+    "transposed": ((3, 4, 8), "transposed", True, torch.float32, True, True),
+    "expanded": ((3, 4, 8), "expanded", True, torch.float16, False, True),
+    "sliced-2d": ((2, 5), "sliced", True, torch.float32, False, False),
+    "empty": ((0, 3, 8), "contiguous", True, torch.float32, True, True),
+    "nhwc": ((2, 6, 3, 3), "nhwc", False, torch.float32, True, True),
+    "nchw-sliced": ((2, 6, 3, 4), "sliced", False, torch.float16, False, True),
+    "2d-transposed": ((3, 6), "transposed", False, torch.float32, True, False),
+    "nchw-empty": ((2, 6, 0), "contiguous", False, torch.float32, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(_DYT_ODD))
+def test_dyt_ops_pass_opcheck_on_odd_inputs(case, device):
+    """The same for dyt's custom ops: dyt_fwd (with inputs that require grad: its registered backward
+    under AOTAutograd) and dyt_bwd on transposed, expanded, sliced and empty x, channels-last or
+    channels-first (NCHW, NHWC storage, a transposed 2-D x), a one-element or per-channel alpha, with
+    and without weight and bias; test_dyt's opcheck tries contiguous inputs only."""
+    shape, layout, channels_last, dtype, per_channel, affine = _DYT_ODD[case]
+    C = shape[-1] if channels_last else shape[1]
+    if layout == "nhwc":
+        x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=torch.channels_last).requires_grad_()
+    else:
+        x = _odd(shape, layout, dtype, device)
+    alpha = (torch.rand(C if per_channel else 1, device=device) + 0.3).requires_grad_()
+    w, b = (_odd((C,), "contiguous", torch.float32, device) for _ in range(2)) if affine else (None, None)
+    torch.library.opcheck(OPS.dyt_fwd, (x, alpha, w, b, channels_last))
+    detached = [None if t is None else t.detach() for t in (x, alpha, w, b)]
+    torch.library.opcheck(OPS.dyt_bwd, (torch.randn(shape, device=device).to(dtype), *detached, channels_last))
