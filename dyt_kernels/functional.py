@@ -52,15 +52,25 @@ def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
         except OverflowError:   # an int past float64's range: the checks' own error
             return _as_alpha(alpha, x, channels)
         if x.dtype == torch.float64:
-            alpha = torch.full((1,), value, device=x.device, dtype=torch.float64)
+            alpha = _filled(value, x, torch.float64)
         elif abs(value) > _FP32_MAX and value == value:   # rounds to +-inf (or to the max, at its edge)
             # rounded here, as torch.tensor([value], dtype=torch.float32) rounds it: traced
             # (torch.compile, torch.export), that tensor is a float32 constant, which refuses it
             big = _FP32_MAX if abs(value) < _FP32_ROUNDS_TO_INF else math.inf
             alpha = torch.full((1,), big if value > 0 else -big, device=x.device, dtype=torch.float32)
         else:
-            alpha = torch.full((1,), value, device=x.device, dtype=torch.float32)
+            alpha = _filled(value, x, torch.float32)
     return _as_alpha(alpha, x, channels)
+
+
+def _filled(value: float, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """torch.full((1,), value): traced, ones * value, the same number. torch.compile passes a Python
+    float argument in as a symbol that becomes a tensor input of the graph, which a product takes
+    and torch.full's fill value does not: with torch.full the graph was specialized on the value, a
+    recompile for every new alpha (up to dynamo's recompile limit, then eager)."""
+    if torch.compiler.is_compiling():
+        return torch.ones(1, device=x.device, dtype=dtype) * value
+    return torch.full((1,), value, device=x.device, dtype=dtype)
 
 
 def _traced_numpy_alpha(alpha, x: Tensor):

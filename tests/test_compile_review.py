@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dyt_kernels import dyt, dyt_modulate, use_backend
+from dyt_kernels import DyT, ModulatedDyT, dyt, dyt_modulate, use_backend
 from float64_checks import modulate_formula
 from test_dynamic_shapes import _force
 
@@ -222,3 +222,55 @@ def test_dyt_ops_pass_opcheck_on_odd_inputs(case, device):
     torch.library.opcheck(OPS.dyt_fwd, (x, alpha, w, b, channels_last))
     detached = [None if t is None else t.detach() for t in (x, alpha, w, b)]
     torch.library.opcheck(OPS.dyt_bwd, (torch.randn(shape, device=device).to(dtype), *detached, channels_last))
+
+
+class _Mixed(torch.nn.Module):
+    """Every way the norms are called: a DyT over two normalized dims, a channels-first DyT with a
+    per-channel alpha and no bias on NCHW activations, dyt with a Python-number alpha, and a
+    ModulatedDyT with a per-sample shift, a per-token scale and a gated residual."""
+
+    def __init__(self, C=8):
+        super().__init__()
+        self.two = DyT((2, C // 2))
+        self.cf = DyT(C, channels_last=False, alpha_per_channel=True, bias=False)
+        self.mod = ModulatedDyT(C, elementwise_affine=True)
+
+    def forward(self, img, tokens, shift, scale, gate, alpha: float):
+        a = self.cf(img).flatten(2).transpose(1, 2)                       # (B, HW, C)
+        t = self.two(tokens.unflatten(-1, (2, -1))).flatten(2)           # (B, L, C)
+        h, r = self.mod(dyt(t, alpha), shift, scale, residual=t, gate=gate)
+        return a.sum(1, keepdim=True) + h * r
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_new_sizes_and_alphas_recompile_at_most_once(route, monkeypatch):
+    """dynamic=None, as a plain LayerNorm model gets: the first call compiles a static graph, the
+    second (other batch, sequence length, image size, alpha value) one dynamic graph; after that, no
+    size or alpha value recompiles (error_on_recompile), so neither the project's checks nor its
+    custom ops guard on a value that changes per call. Outputs and gradients as the eager torch
+    backend's throughout."""
+    backend = _force(route, monkeypatch)
+    torch._dynamo.reset()
+    model = _Mixed()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+
+    def call(B, L, H, alpha):
+        C = 8
+        args = (torch.randn(B, C, H, H + 1), torch.randn(B, L, C), torch.randn(B, C), torch.randn(B, L, C),
+                torch.randn(B, 1, C))
+        args = [t.requires_grad_() for t in args]
+        with use_backend(backend):
+            out = compiled(*args, alpha)
+        with use_backend("torch"):
+            want = model(*args, alpha)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        leaves = [*args, *model.parameters()]
+        for g, gw in zip(torch.autograd.grad(out.square().sum(), leaves),
+                         torch.autograd.grad(want.square().sum(), leaves)):
+            torch.testing.assert_close(g, gw, atol=1e-4, rtol=1e-4)
+
+    call(2, 3, 2, 0.5)
+    call(3, 5, 3, 0.7)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for B, L, H, alpha in [(4, 7, 2, 0.9), (2, 9, 5, -1.25), (5, 2, 4, 0.5), (3, 11, 3, 2.0)]:
+            call(B, L, H, alpha)
