@@ -274,3 +274,62 @@ def test_new_sizes_and_alphas_recompile_at_most_once(route, monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for B, L, H, alpha in [(4, 7, 2, 0.9), (2, 9, 5, -1.25), (5, 2, 4, 0.5), (3, 11, 3, 2.0)]:
             call(B, L, H, alpha)
+
+
+LAYOUT_CASES = 8   # per op and route; ~0.4 s a case on the CPU (aot_eager compiles)
+
+
+def _negated(case) -> bool:
+    views = [getattr(case, f, None) for f in ("x_view", "dy_view", "dh_view", "residual_view", "dr_view")]
+    views += [v for _, _, v in getattr(case, "mods", ())]
+    return any(v is not None and v.negated for v in views)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("op", ["dyt", "modulate"])
+def test_layout_cases_through_compile(op, route, monkeypatch, device):
+    """test_layouts.py's seeded random cases (ranks, sizes with 0 and 1, transposed, sliced, offset
+    and expanded views, channels-first, fp32/bf16/fp16 with fp32 or same-dtype parameters, Python,
+    0-d, (1, 1) and per-channel alphas, optional weight and bias, (B, D) / (B, 1, D) / (B, L, D)
+    modulations with or without residual and gate) through torch.compile(fullgraph=True), each case
+    under dynamic=None, True or False in turn, the three compiled functions reused across the cases
+    (a guard that missed a layout, dtype or argument change would reuse a wrong graph); every output
+    and gradient three-way against float64 (float64_checks). Cases with a lazily negated view are left
+    out: torch.compile reads such inputs unnegated for its own ops too (row 76). A gradient may share
+    storage with dy (the torch route's plain autograd passes dy on as a 1-D x's dbias), so only the
+    outputs' freshness is checked. With row 108's defect, the opaque route's modulate cases
+    failed here."""
+    import float64_checks
+    backend = _force(route, monkeypatch)
+    torch._dynamo.reset()
+    fresh = float64_checks._check_fresh
+    monkeypatch.setattr(float64_checks, "_check_fresh", lambda outs, grads, inputs: fresh(outs, {}, inputs))
+    fn = dyt if op == "dyt" else dyt_modulate
+    compiled = [torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=d) for d in (None, True, False)]
+    with torch._dynamo.config.patch(recompile_limit=64):
+        checked = _run_layout_cases(op, route, backend, compiled, monkeypatch, device)
+    assert checked == LAYOUT_CASES
+
+
+def _run_layout_cases(op, route, backend, compiled, monkeypatch, device) -> int:
+    import float64_checks
+    import test_layouts as tl
+    checked = 0
+    for i in range(LAYOUT_CASES * 2):
+        draw = tl.draw_dyt_case if op == "dyt" else tl.draw_modulate_case
+        case = draw(1000 + i, "triton")
+        if _negated(case):
+            continue
+        monkeypatch.setattr(float64_checks, "dyt" if op == "dyt" else "dyt_modulate", compiled[checked % 3])
+        dynamic = (None, True, False)[checked % 3]
+        with float64_checks.repro(f"[route {route}, dynamic={dynamic}] " + tl.describe(case)):
+            if op == "dyt":
+                inputs, dy = tl.build_dyt(case, device)
+                float64_checks.check_dyt(inputs, dy, backend=backend, channels_last=case.channels_last)
+            else:
+                inputs, dh, dr = tl.build_modulate(case, device)
+                float64_checks.check_modulate(inputs, dh, dr, backend=backend)
+        checked += 1
+        if checked == LAYOUT_CASES:
+            break
+    return checked
