@@ -96,7 +96,11 @@ def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
     if not isinstance(m, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
     _check_layout(name, m)
-    if tuple(m.shape) not in ((B, D), (B, 1, D), (B, L, D)):
+    # compared by rank: `tuple(m.shape) in ((B, D), ...)` would compare L with D for a (B, L, D) m,
+    # which torch.export records as a guard L != D on a dynamic L
+    ok = (m.shape[0] == B and m.shape[1] == D if m.dim() == 2 else
+          m.dim() == 3 and m.shape[0] == B and m.shape[2] == D and (m.shape[1] == 1 or m.shape[1] == L))
+    if not ok:
         raise ValueError(f"{name} must be (B, D), (B, 1, D) or (B, L, D) with B={B}, L={L}, D={D}, "
                          f"got {shape_str(m)}")
     if m.dtype not in FLOAT_DTYPES:

@@ -116,10 +116,6 @@ class _PerToken(torch.nn.Module):
         return h * r
 
 
-@pytest.mark.xfail(strict=True, reason="dyt_kernels/_checks.check_modulation compares tuple(m.shape) with "
-                   "(B, D) before (B, L, D); a per-token (B, L, D) modulation's L meets D there, and "
-                   "torch.export(strict=False) records the guard L != D, refusing a Dim on L. The fix is in "
-                   "_checks.py (compare by rank first); this test passes once it lands")
 def test_export_per_token_modulation_with_a_sequence_dim():
     """torch.export (non-strict, torch's default) of dyt_modulate with per-token shift, scale and gate
     ((B, L, D)) and Dims on B and L raised "Constraints violated (L)! Not all values of L satisfy the
