@@ -6,9 +6,6 @@ autograd.py's fused or opaque paths for Triton.
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
@@ -17,7 +14,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn import Parameter
 
 from . import reference
-from ._checks import as_alpha as _as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
+from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
 from .autograd import (DyTFused, DyTModulateFused, DyTModulateReference, DyTReference, dyt_apply,
                        modulate_apply)
 from .backend import traced_backend, use_triton
@@ -25,66 +22,6 @@ from .ops import dyt as dyt_ops
 from .ops import modulate as mod_ops
 from .ops.direct import _current_device as _cuda_device
 from ._signatures import Signatures, absent
-
-
-try:   # torch imports numpy where it is installed; a numpy scalar alpha needs it (as_alpha)
-    import numpy as _np
-except ImportError:   # pragma: no cover
-    _np = None
-
-_FP32_MAX = torch.finfo(torch.float32).max
-# The float32 rounding of a real number of at least this magnitude is infinite: the midpoint between
-# the largest float32, 2^128 - 2^104, and 2^128, which rounds to even, i.e. up.
-_FP32_ROUNDS_TO_INF = 2.0 ** 128 - 2.0 ** 103
-
-
-def as_alpha(alpha, x: Tensor, channels: int) -> Tensor:
-    """_checks.as_alpha, with a Python or numpy real number taken as eager `alpha * x` takes it: in
-    float64 for a float64 x (float32 would round 0.1 to 0.100000001490116: 1.5e-8 relative, in a
-    computation exact to 1e-16), else in float32, a value past its range rounding to +-inf as the
-    cast of a Python scalar does (torch.full refuses to round it: "cannot be converted to type
-    float without overflow"). Everything else (tensors, bools, the wrong types) goes to the checks."""
-    if _np is not None and isinstance(alpha, _np.ndarray) and torch.compiler.is_compiling():
-        alpha = _traced_numpy_alpha(alpha, x)
-    elif isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, Tensor)):
-        try:
-            value = float(alpha)
-        except OverflowError:   # an int past float64's range: the checks' own error
-            return _as_alpha(alpha, x, channels)
-        if x.dtype == torch.float64:
-            alpha = _filled(value, x, torch.float64)
-        elif abs(value) > _FP32_MAX and value == value:   # rounds to +-inf (or to the max, at its edge)
-            # rounded here, as torch.tensor([value], dtype=torch.float32) rounds it: traced
-            # (torch.compile, torch.export), that tensor is a float32 constant, which refuses it
-            big = _FP32_MAX if abs(value) < _FP32_ROUNDS_TO_INF else math.inf
-            alpha = torch.full((1,), big if value > 0 else -big, device=x.device, dtype=torch.float32)
-        else:
-            alpha = _filled(value, x, torch.float32)
-    return _as_alpha(alpha, x, channels)
-
-
-def _filled(value: float, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """torch.full((1,), value): traced, ones * value, the same number. torch.compile passes a Python
-    float argument in as a symbol that becomes a tensor input of the graph, which a product takes
-    and torch.full's fill value does not: with torch.full the graph was specialized on the value, a
-    recompile for every new alpha (up to dynamo's recompile limit, then eager)."""
-    if torch.compiler.is_compiling():
-        return torch.ones(1, device=x.device, dtype=dtype) * value
-    return torch.full((1,), value, device=x.device, dtype=dtype)
-
-
-def _traced_numpy_alpha(alpha, x: Tensor):
-    """A numpy scalar alpha as torch.compile traces it: dynamo hands it in as a 0-d ndarray (which
-    the checks refuse by name), so it is taken here as eager takes the number: a real value through
-    float64 (as float(alpha) goes), then in x's compute dtype, a float32 past its range rounding to
-    +-inf as the cast does. Other arrays (bool, complex, n-d) go to the checks as they are."""
-    if alpha.ndim != 0:
-        return alpha
-    t = torch.as_tensor(alpha)
-    if t.dtype == torch.bool or t.dtype.is_complex:
-        return alpha
-    t = t.to(device=x.device, dtype=torch.float64).reshape(1)
-    return t if x.dtype == torch.float64 else t.to(torch.float32)
 
 
 def _compiled_route(x: Tensor) -> str:

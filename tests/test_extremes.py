@@ -65,6 +65,13 @@ def test_python_alpha_past_float32_range(alpha, dtype, backend, device):
         torch.testing.assert_close(y, same, rtol=0, atol=0, equal_nan=True)
 
 
+def test_python_int_alpha_past_float64_range_is_refused_by_name():
+    """An int no float holds (10**400): before, Python's bare 'OverflowError: int too large to convert
+    to float', which named no argument."""
+    with pytest.raises(ValueError, match=r"alpha must be a real number within float64's range, got an int of 1329 bits"):
+        dyt(torch.randn(2, 4), 10 ** 400)
+
+
 # --------------------------------------------------------------------------------------------------
 # Infinite parameters where a tile has padded lanes
 # --------------------------------------------------------------------------------------------------
