@@ -17,13 +17,6 @@ from .ops import library  # registers torch.ops.dyt_kernels.*
 from .ops import modulate as mod_ops
 
 
-def _shift_grad(dshift, dh, shift):
-    """dshift, or dh itself where shift is per token (its gradient is the upstream gradient)."""
-    if dshift is None:
-        return dh if dh.dtype == shift.dtype else dh.to(shift.dtype)
-    return dshift
-
-
 def _present(g, p):
     """A custom op's gradient, None where its input was None (custom ops return empty tensors)."""
     return None if p is None else g
@@ -35,12 +28,12 @@ def _library_dyt_backward(dy, x, alpha, weight, bias, channels_last):
 
 
 def _library_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual):
-    """The custom op's gradients in mod_ops.backward's convention (None where absent or per token)."""
+    """The custom op's gradients in mod_ops.backward's convention (None where absent; a per-token
+    shift's dshift stays empty, which library.shift_grad reads as dh)."""
     dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
         dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
     if library.dres_is_dx(x, r, gate, has_residual):
         dres = dx  # the op returns it once (outputs may not alias)
-    dshift = None if dshift.numel() == 0 and shift.numel() != 0 else dshift
     return (dx, dres if has_residual else None, _present(dgate, gate), dshift, dscale, _present(dw, weight),
             _present(db, bias), da)
 
@@ -180,7 +173,7 @@ def _modulate_backward(ctx, dh, dr, grads, **kwargs):
     dx, dres, dgate, dshift, dscale, dw, db, da = grads(
         dh, dr, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias, gate, ctx.has_residual,
         **kwargs)
-    return dx, da, _shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
+    return dx, da, library.shift_grad(dshift, dh, shift), dscale, dw, db, dres, dgate
 
 
 def _reference_modulate(x, alpha, shift, scale, weight, bias, residual, gate):

@@ -171,10 +171,11 @@ def _mod_grads(grads, x: Tensor, r: Tensor, has_residual: bool, gate: Optional[T
     return _or_empty(grads, x)
 
 
-def _shift_grad(dshift: Tensor, dh: Tensor, shift: Tensor) -> Tensor:
-    """shift's gradient from the op's dshift: dh itself where the op left it out (a per-token shift),
-    in shift's dtype, as autograd.py's fused route takes it."""
-    if dshift.numel() == 0 and guard_or_true(shift.numel() != 0):
+def shift_grad(dshift: Optional[Tensor], dh: Tensor, shift: Tensor) -> Tensor:
+    """shift's gradient: dh itself, in shift's dtype, where shift is per token and dshift is left out
+    (None from mod_ops.backward, empty from this module's op beside a non-empty shift); else dshift.
+    autograd.py's eager and fused routes and the op's own autograd formula all take it from here."""
+    if dshift is None or (dshift.numel() == 0 and guard_or_true(shift.numel() != 0)):
         return dh if dh.dtype == shift.dtype else dh.to(shift.dtype)
     return dshift
 
@@ -209,7 +210,7 @@ def _mod_backward(ctx, dh, dr):
     if dres_is_dx(x, r, gate, ctx.has_residual):
         dres = dx
     opt = lambda g, p: None if p is None else g  # noqa: E731
-    return (dx, da, _shift_grad(dshift, dh, shift), dscale, opt(dw, weight), opt(db, bias),
+    return (dx, da, shift_grad(dshift, dh, shift), dscale, opt(dw, weight), opt(db, bias),
             dres if ctx.has_residual else None, opt(dgate, gate))
 
 
