@@ -142,6 +142,14 @@ def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor
     return resolved(p if p.is_contiguous() else p.contiguous())
 
 
+def modulation_fits(m: Tensor, B: int, L: int, D: int) -> bool:
+    """Whether m is (B, D), (B, 1, D) or (B, L, D). Compared by rank: `tuple(m.shape) in ((B, D), ...)`
+    would compare L with D for a (B, L, D) m, which torch.export records as a guard L != D on a dynamic L."""
+    if m.dim() == 2:
+        return m.shape[0] == B and m.shape[1] == D
+    return m.dim() == 3 and m.shape[0] == B and m.shape[2] == D and (m.shape[1] == 1 or m.shape[1] == L)
+
+
 def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
     """shift / scale / gate: (B, D), (B, 1, D) or (B, L, D) for x of shape (B, L, D)."""
     if m is None:
@@ -150,11 +158,7 @@ def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
     if not isinstance(m, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
     _check_layout(name, m)
-    # compared by rank: `tuple(m.shape) in ((B, D), ...)` would compare L with D for a (B, L, D) m,
-    # which torch.export records as a guard L != D on a dynamic L
-    ok = (m.shape[0] == B and m.shape[1] == D if m.dim() == 2 else
-          m.dim() == 3 and m.shape[0] == B and m.shape[2] == D and (m.shape[1] == 1 or m.shape[1] == L))
-    if not ok:
+    if not modulation_fits(m, B, L, D):
         raise ValueError(f"{name} must be (B, D), (B, 1, D) or (B, L, D) with B={B}, L={L}, D={D}, "
                          f"got {shape_str(m)}")
     if m.dtype not in FLOAT_DTYPES:

@@ -23,6 +23,7 @@ from collections import Counter
 
 from torch import Tensor, nn
 
+from .._checks import modulation_fits
 from ..functional import dyt_modulate
 from ..modules import DyT
 
@@ -53,7 +54,7 @@ def _fits(norm: nn.Module | None, x: Tensor) -> bool:
 def _takes(x: Tensor, *modulations: Tensor | None) -> bool:
     """Whether dyt_modulate takes these shift / scale / gate tensors for x as they are."""
     B, L, D = x.shape
-    return all(m is None or tuple(m.shape) in ((B, D), (B, 1, D), (B, L, D)) for m in modulations)
+    return all(m is None or modulation_fits(m, B, L, D) for m in modulations)
 
 
 def _per_token(m: Tensor) -> Tensor:
