@@ -79,6 +79,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
     if use_triton(x):
         if x.is_cuda and x.get_device() != _cuda_device():
             return _on_device(x, _dyt_triton, x, alpha, weight, bias, channels_last, slot)
+        if _dispatch_modes():   # a TorchDispatchMode sees the op, not the launchers' allocations
+            return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
         return dyt_apply(x, alpha, weight, bias, channels_last, slot)
@@ -86,6 +88,8 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
 
 
 def _dyt_triton(x, alpha, weight, bias, channels_last, slot):
+    if _dispatch_modes():
+        return torch.ops.dyt_kernels.dyt_fwd(x, alpha, weight, bias, channels_last)
     if not torch.is_grad_enabled():
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, None, slot)
     return dyt_apply(x, alpha, weight, bias, channels_last, slot)
@@ -104,6 +108,14 @@ def _on_device(x: Tensor, call, *args):
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+
+# Whether a TorchDispatchMode is active (~0.03 us). The eager Functions launch into buffers they
+# allocate with torch.empty, which a mode sees as bare allocations that something else fills: selective
+# activation checkpointing (torch.utils.checkpoint with create_selective_checkpoint_contexts) caches
+# them and hands the cached buffer back on recompute, where the launch writes into it again ("Tensor
+# cached during selective activation checkpoint has been mutated"). Under a mode the ops go through
+# their torch.library custom ops instead (ops/library.py), which a mode sees, caches and replays as one op.
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _plain_ops(x: Tensor) -> bool:
@@ -237,6 +249,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         # (a float64 residual stream stays in PyTorch, as a float64 x does: the kernels add in fp32)
         if x.is_cuda and x.get_device() != _cuda_device():
             return _on_device(x, _modulate_triton, args, slot)
+        if _dispatch_modes():   # as in dyt
+            return _modulate_op(args)
         if not torch.is_grad_enabled():   # no_grad / inference_mode (sampling): no graph to record
             h, r = mod_ops.forward(*args, None, slot)
             return h if residual is None else (h, r)
@@ -245,6 +259,8 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
 
 
 def _modulate_triton(args, slot):
+    if _dispatch_modes():
+        return _modulate_op(args)
     if not torch.is_grad_enabled():
         h, r = mod_ops.forward(*args, None, slot)
         return h if args[6] is None else (h, r)
@@ -259,9 +275,13 @@ def _compiled_modulate(*args):
     if route == "fused":
         return DyTModulateFused.apply(*args)
     if route == "opaque":
-        h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(*args)
-        return h if args[6] is None else (h, r)
+        return _modulate_op(args)
     return reference.dyt_modulate(*args)
+
+
+def _modulate_op(args):
+    h, r = torch.ops.dyt_kernels.dyt_modulate_fwd(*args)
+    return h if args[6] is None else (h, r)
 
 
 # Argument signatures of dyt_modulate that passed the checks unchanged, each with its slot.
