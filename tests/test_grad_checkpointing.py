@@ -1,0 +1,96 @@
+"""Converted library models with their own gradient-checkpointing switch on, on the Triton backend.
+
+timm's set_grad_checkpointing, diffusers' enable_gradient_checkpointing and transformers'
+gradient_checkpointing_enable rerun each block's forward inside backward (reentrant or not, as each
+library chooses), with our kernels and, for diffusers, the fused adaLN forwards inside. The gradients
+must be those of the same model without checkpointing: the recompute runs the same kernels on the same
+inputs, so they agree to the bit, and a recompute that read a stale launch plan, a cached buffer or a
+wrong saved tensor would show at once. A selective-checkpoint policy around the whole model is checked
+the same way.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from dyt_kernels import DyT, convert_layernorm_to_dyt, use_backend
+from dyt_kernels.backend import INTERPRETER
+from library_models import CASES, main_output, randomize_norms_
+
+pytestmark = pytest.mark.skipif(not INTERPRETER, reason="runs the kernels on CPU tensors through the Triton "
+                                "interpreter (with a GPU the Triton backend refuses CPU tensors)")
+
+FUSED = {"pixart", "dit", "flux"}
+
+
+def _enable(name, model):
+    if name.startswith("timm"):
+        model.set_grad_checkpointing(True)
+    elif name in FUSED:
+        model.enable_gradient_checkpointing()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": name == "bert"})
+
+
+def _model(name):
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = randomize_norms_(case.build(), case.channel_dims())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        convert_layernorm_to_dyt(model, include_rmsnorm=case.include_rmsnorm, fuse_modulation=name in FUSED)
+    with torch.no_grad():   # distinct alphas, so a recompute that mixed up two DyTs would show
+        for i, m in enumerate(m for m in model.modules() if isinstance(m, DyT)):
+            m.alpha.fill_(0.4 + 0.1 * i)
+    torch.manual_seed(1)
+    return model.train(), case.inputs()
+
+
+def _grads(model, inputs, run=None):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)   # the same random draws in each run (DiT's class-label dropout in train mode)
+    with use_backend("triton"):
+        out = main_output(run(**inputs) if run else model(**inputs))
+        out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _same(a, b):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        assert torch.equal(grads_a[n], grads_b[n]), n
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "pixart", "dit", "flux", "llama", "bert"])
+def test_library_gradient_checkpointing_gives_the_same_gradients(name):
+    model, inputs = _model(name)
+    if name == "bert":   # (dropout off: the recompute must see the same values)
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    plain = _grads(model, inputs)
+    checkpointed = copy.deepcopy(model)
+    _enable(name, checkpointed)
+    _same(plain, _grads(checkpointed, inputs))
+
+
+@pytest.mark.parametrize("decision", [CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE])
+def test_selective_checkpoint_of_a_fused_model(decision):
+    model, inputs = _model("dit")
+    context = functools.partial(create_selective_checkpoint_contexts, lambda ctx, op, *a, **k: decision)
+    run = lambda **kw: checkpoint(model, use_reentrant=False, context_fn=context, **kw)  # noqa: E731
+    # Under the checkpoint's dispatch mode the ops take their custom ops (on a CPU, reference.py's
+    # formulas): the same fp32 math in another order, so a few fp32 eps apart, not bit-equal.
+    (out, grads), (out_c, grads_c) = _grads(model, inputs), _grads(model, inputs, run)
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_c.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
