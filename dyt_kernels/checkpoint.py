@@ -32,13 +32,15 @@ def _alpha_owners(keys) -> dict[str, str]:
 
 def _convert_for(model: nn.Module, alpha_state: Mapping[str, Tensor], fuse_modulation: bool) -> nn.Module:
     """Convert the norms of ``model`` that hold an alpha in ``alpha_state``, with that alpha's shape."""
-    from .convert import convert_layernorm_to_dyt
+    from .convert import _convert
 
     owners = _alpha_owners(alpha_state)
     per_channel = {name: alpha_state[key].numel() > 1 for name, key in owners.items()}
-    return convert_layernorm_to_dyt(model, include_rmsnorm=True, fuse_modulation=fuse_modulation,
-                                    module_filter=lambda name, m: name in owners,
-                                    alpha_per_channel=lambda name, m: per_channel[name])
+    # probe_meta: a model built on the meta device (deferred init, loaded with assign=True) has its
+    # norms there; the probe runs on a CPU stand-in (convert._cpu_stand_in) instead of refusing them.
+    return _convert(model, include_rmsnorm=True, fuse_modulation=fuse_modulation,
+                    module_filter=lambda name, m: name in owners,
+                    alpha_per_channel=lambda name, m: per_channel[name], probe_meta=True)
 
 
 def _homeless_alphas(model: nn.Module, alpha_state: Mapping[str, Tensor]) -> list[str]:
@@ -77,7 +79,7 @@ def _warn_affine_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
 
 
 def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True,
-                        fuse_modulation: bool = False) -> nn.Module:
+                        fuse_modulation: bool = False, assign: bool = False) -> nn.Module:
     """Load a converted model's state dict into a freshly built (LayerNorm) model, converting it first.
 
     The norms that have an ``alpha`` in ``state_dict`` become DyT (per-channel where that alpha is),
@@ -85,7 +87,9 @@ def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, s
     instead of vanishing, and so, under strict=False, does an alpha whose DyT's weight or bias the state
     dict lacks (one saved after fold_dyt_affine). Returns the model (if ``model`` is itself a norm, its
     replacement); the missing and unexpected keys that torch returns under strict=False are named in a
-    DyTCheckpointWarning instead.
+    DyTCheckpointWarning instead. ``assign`` is torch's (``nn.Module.load_state_dict``): True keeps the
+    state dict's tensors instead of copying into the model's, which a model built under
+    ``torch.device("meta")`` needs (its norms, on meta too, are converted all the same).
 
     >>> import torch
     >>> from dyt_kernels import convert_layernorm_to_dyt, load_dyt_state_dict
@@ -101,7 +105,7 @@ def load_dyt_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, s
     _warn_homeless(homeless, "the state dict")
     if not strict:  # strict loads name the missing keys themselves
         _warn_affine_missing(model, state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=strict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=strict, assign=assign)
     unexpected = [k for k in unexpected if k not in homeless]   # those were named already
     if missing or unexpected:  # what strict=False returns, which this function cannot
         warnings.warn(f"load_dyt_state_dict(strict=False) left {_listed(missing)} missing and "

@@ -6,6 +6,8 @@ public as conversion_report(), so a user can see what would change before anythi
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import warnings
 import weakref
@@ -69,7 +71,26 @@ def _label(cls: type) -> str:
     return cls.__name__ if cls.__module__.startswith("torch.") else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _plan(model: nn.Module, include_rmsnorm: bool, module_filter: PerModule | None) -> _Plan:
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _cpu_stand_in(module: nn.Module) -> nn.Module:
+    """A CPU copy of a norm built on the meta device, for the probe: its code is the module's, its
+    tensors zeros (the probe draws its floating parameters at random anyway, recognize.py)."""
+    probe = copy.deepcopy(module).to_empty(device="cpu")
+    with torch.no_grad():
+        for t in itertools.chain(probe.parameters(), probe.buffers()):
+            t.zero_()
+    return probe
+
+
+def _plan(model: nn.Module, include_rmsnorm: bool, module_filter: PerModule | None,
+          probe_meta: bool = False) -> _Plan:
+    """probe_meta: a norm on the meta device is probed on a CPU stand-in (_cpu_stand_in) instead of
+    being left alone. load_dyt_state_dict asks for it: a checkpoint's alphas say those norms were DyTs,
+    and deferred initialization (a model built under torch.device("meta"), then loaded with
+    assign=True) builds every norm there."""
     report, kinds = ConversionReport(), {}
     families = ("layer", "rms") if include_rmsnorm else ("layer",)
     for name, m in model.named_modules():  # each instance once, under its first name
@@ -89,7 +110,8 @@ def _plan(model: nn.Module, include_rmsnorm: bool, module_filter: PerModule | No
             report.left_alone[shown] = f"{cls}: normalizes over groups, the batch or positions, not per token"
             continue
         # Every leaf norm is probed for both families, so an RMSNorm left alone says so.
-        kind, why = recognize(m, ("layer",) if isinstance(m, nn.LayerNorm) else ("layer", "rms"))
+        probe = _cpu_stand_in(m) if probe_meta and _on_meta(m) else m
+        kind, why = recognize(probe, ("layer",) if isinstance(m, nn.LayerNorm) else ("layer", "rms"))
         if kind is None:
             report.left_alone[shown] = f"{cls}: what it computes could not be established: {why}"
         elif kind.family not in families:
@@ -289,6 +311,16 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: NumberOption
     >>> type(layer.norm1).__name__
     'DyT'
     """
+    return _convert(model, alpha_init_value=alpha_init_value, weight_init_value=weight_init_value,
+                    alpha_per_channel=alpha_per_channel, include_rmsnorm=include_rmsnorm, copy_affine=copy_affine,
+                    module_filter=module_filter, fuse_modulation=fuse_modulation)
+
+
+def _convert(model: nn.Module, *, alpha_init_value: NumberOption = 0.5, weight_init_value: NumberOption | None = None,
+             alpha_per_channel: bool | PerModule = False, include_rmsnorm: bool = False, copy_affine: bool = True,
+             module_filter: PerModule | None = None, fuse_modulation: bool = False,
+             probe_meta: bool = False) -> nn.Module:
+    """convert_layernorm_to_dyt, with _plan's probe_meta (load_dyt_state_dict's)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_option("alpha_init_value", alpha_init_value)
@@ -298,7 +330,7 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: NumberOption
                         f"{type(module_filter).__name__}")
     opts = {"alpha_init_value": alpha_init_value, "weight_init_value": weight_init_value,
             "alpha_per_channel": alpha_per_channel, "copy_affine": copy_affine}
-    plan = _plan(model, include_rmsnorm, module_filter)
+    plan = _plan(model, include_rmsnorm, module_filter, probe_meta)
     new = _apply(model, plan, opts)
     result = new.get(id(model), model)
     keep_third_party_paths_working(result)
@@ -309,5 +341,5 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: NumberOption
     if plan.report.left_alone:
         lines = "\n".join(f"  {n}: {why}" for n, why in plan.report.left_alone.items())
         warnings.warn(f"convert_layernorm_to_dyt left {len(plan.report.left_alone)} normalization layer(s) "
-                      f"alone:\n{lines}", stacklevel=2)
+                      f"alone:\n{lines}", stacklevel=3)
     return result
