@@ -140,3 +140,21 @@ def test_a_dispatch_mode_sees_one_op_each_way(grad):
                                 w.detach().double(), b.detach().double(), y64, mods[2].double())
     torch.testing.assert_close(h.detach().double(), h64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r.detach().double(), r64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_mutation_of_saved_inputs_under_allow_mutation_on_saved_tensors(backend):
+    """torch.autograd.graph.allow_mutation_on_saved_tensors (a dispatch mode with saved-tensor hooks) lets a
+    tensor the forward saved be changed in place before backward: the gradients are those of the values
+    the forward saw."""
+    p = _leaves(torch.randn(B, L, D), torch.rand(1) + 0.5, torch.randn(D), torch.randn(D), torch.randn(B, 3 * D),
+                torch.randn(B, L, D))
+    with use_backend(backend), torch.autograd.graph.allow_mutation_on_saved_tensors():
+        x, residual = p[0] * 1.0, p[5] * 1.0   # non-leaf copies, which may be changed in place
+        loss = (dyt(x, *p[1:4]).cos() * x).sum() + _modulate_block(dyt_modulate, x, *p[1:5], residual)
+        x.mul_(3)
+        residual.add_(1)
+        grads = torch.autograd.grad(loss, p)
+    q = [t.detach().double().requires_grad_() for t in p]
+    loss64 = (dyt_formula(*q[:4]).cos() * q[0]).sum() + _modulate_block(modulate_formula, *q)
+    _assert_grads(grads, torch.autograd.grad(loss64, q))
