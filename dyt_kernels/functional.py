@@ -28,7 +28,8 @@ def _compiled_route(x: Tensor) -> str:
     """Under torch.compile: "torch" (plain ops), "fused" (pointwise forward, kernel backward) or
     "opaque" (our kernels both ways, use_backend("triton"))."""
     name = traced_backend()
-    if _plain_ops(x) or not use_triton(x, name):
+    if _plain_ops(x) or not use_triton(x, name) or torch.onnx.is_in_onnx_export():
+        # (ONNX's exporter has no translation for the custom ops: torch.onnx.export gets plain ops)
         return "torch"
     return "opaque" if name == "triton" else "fused"
 
@@ -74,7 +75,7 @@ def dyt(x: Tensor, alpha: Tensor | float, weight: Tensor | None = None, bias: Te
                                                            _NO_BIAS if bias is None else bias), [None, None, None])
         x, alpha, weight, bias = args
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
-            or _functorch_active():   # _plain_ops(x), inlined
+            or _functorch_active() or _jit_tracing() is not None:   # _plain_ops(x), inlined
         return reference.dyt(x, alpha, weight, bias, channels_last)
     if use_triton(x):
         if x.is_cuda and x.get_device() != _cuda_device():
@@ -109,6 +110,11 @@ def _on_device(x: Tensor, call, *args):
 
 _functorch_active = torch._C._are_functorch_transforms_active
 
+# torch.jit.trace's state (None when not tracing; ~0.06 us). A traced call takes reference.py's plain
+# ops: the kernels' launches would see the sizes as traced tensors, and the eager Functions would be
+# recorded as Python ops that torch.jit.save refuses; the legacy ONNX exporter traces the same way.
+_jit_tracing = torch._C._get_tracing_state
+
 # Whether a TorchDispatchMode is active (~0.03 us). The eager Functions launch into buffers they
 # allocate with torch.empty, which a mode sees as bare allocations that something else fills: selective
 # activation checkpointing (torch.utils.checkpoint with create_selective_checkpoint_contexts) caches
@@ -126,7 +132,8 @@ def _plain_ops(x: Tensor) -> bool:
     Torch has every subclass's and every transform's rule for those ops; the kernels read a plain
     tensor's storage through raw pointers, the eager Functions have no vmap or jvp rule, and the
     custom ops neither (torch.func.jvp through the opaque compiled route gave a zero tangent,
-    silently). The eager paths inline this: a type check and two flag reads, ~0.06 us per call.
+    silently). Also under torch.jit.trace (eager only: _jit_tracing). The eager paths inline this: a type
+    check and three flag reads, ~0.12 us per call.
     Traced (_compiled_route), the fake and functional tensors of a trace (torch.export's non-strict
     mode runs this code on them) stand for plain tensors; dynamo shows x's own type, and guards on
     the transform state."""
@@ -243,7 +250,7 @@ def dyt_modulate(x: Tensor, alpha: Tensor | float, shift: Tensor, scale: Tensor,
         (x, shift, scale, weight, bias, residual, gate), alpha = checked, checked_alpha
     args = (x, alpha, shift, scale, weight, bias, residual, gate)
     if (type(x) is not Tensor and type(x) is not Parameter) or _forward_ad._current_level >= 0 \
-            or _functorch_active():   # _plain_ops(x), inlined
+            or _functorch_active() or _jit_tracing() is not None:   # _plain_ops(x), inlined
         return reference.dyt_modulate(*args)
     if use_triton(x) and (residual is None or residual.dtype != torch.float64):
         # (a float64 residual stream stays in PyTorch, as a float64 x does: the kernels add in fp32)

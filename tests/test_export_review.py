@@ -225,10 +225,7 @@ def _onnx_run(path, args):
     return sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
 
 
-@pytest.mark.parametrize("route", ["torch", "fused", pytest.param("opaque", marks=pytest.mark.xfail(
-    strict=True, reason="the custom-op route reaches torch.onnx's translator as dyt_kernels::dyt_fwd, which has "
-                        "no ONNX function: ConversionError 'No ONNX function found'. Fix (functional.py, "
-                        "_compiled_route): return 'torch' while torch.onnx.is_in_onnx_export()"))])
+@pytest.mark.parametrize("route", ["torch", "fused", "opaque"])
 def test_onnx_dynamo_export_matches_float64(route, tmp_path, monkeypatch):
     """torch.onnx.export(dynamo=True) of DyT, ModulatedDyT and a channels-first DyT; onnxruntime's
     outputs to float64. The default routes (plain ops on CPU, the fused route a CUDA tensor takes)
@@ -250,14 +247,6 @@ def test_onnx_dynamo_export_matches_float64(route, tmp_path, monkeypatch):
 # TorchScript
 # --------------------------------------------------------------------------------------------------
 
-_TRACE_FIX = ("under torch.jit.trace the ops take the kernels (sizes come in as traced tensors: the launch "
-              "fails, 'invalid operands of type pointer<int64> and int32') or record the eager "
-              "autograd.Function as a PythonOp that torch.jit.save refuses ('Could not export Python function "
-              "call DyTReference'). Fix (functional.py, dyt and dyt_modulate): while torch.jit.is_tracing(), "
-              "return reference.dyt / reference.dyt_modulate (plain ops, as _plain_ops does)")
-
-
-@pytest.mark.xfail(strict=True, reason=_TRACE_FIX)
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
 def test_jit_trace_saves_and_matches_float64(backend, tmp_path):
     """torch.jit.trace of DyT / ModulatedDyT / channels-first DyT, as nn.LayerNorm traces: the traced
@@ -275,8 +264,6 @@ def test_jit_trace_saves_and_matches_float64(backend, tmp_path):
                 torch.testing.assert_close(got.double(), want, **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="the legacy (TorchScript) ONNX exporter traces the eager kernels: "
-                   + _TRACE_FIX)
 def test_legacy_onnx_export_on_the_kernel_route(tmp_path):
     """torch.onnx.export(dynamo=False) where the eager call takes the kernels (a CUDA tensor's default):
     onnxruntime's outputs to float64. On the plain-ops route it exports (checked here too)."""
