@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import Tensor
@@ -123,12 +124,62 @@ def _traced_numpy_alpha(alpha, x: Tensor):
     return t if x.dtype == torch.float64 else t.to(torch.float32)
 
 
+def _dtensor_class():
+    """torch's DTensor class where torch.distributed.tensor is imported (no DTensor exists before)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+def check_same_kind(name: str, t: Tensor, x: Tensor) -> Tensor:
+    """t, refused by name where one of t and x is a DTensor and the other a plain tensor that DTensor
+    would not replicate implicitly (more than one element, outside torch's implicit_replication()).
+    DTensor refuses such a mix itself, from inside the plain ops, naming no argument ("aten.mul.Tensor
+    got mixed torch.Tensor and DTensor"). Plain tensors on both sides cost two type checks."""
+    if (type(t) is Tensor or type(t) is torch.nn.Parameter) and (type(x) is Tensor or type(x) is torch.nn.Parameter):
+        return t
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return t
+    x_dist, t_dist = isinstance(x, dtensor), isinstance(t, dtensor)
+    if x_dist == t_dist or (x if t_dist else t).numel() == 1 or _implicit_replication(dtensor):
+        return t
+    if x_dist:
+        raise TypeError(f"{name} is a plain torch.Tensor but x is a DTensor; make it one on x's mesh "
+                        f"(distribute_tensor({name}, x.device_mesh, [Replicate()]), or nn.Module parameters "
+                        f"through torch's parallel styles), or pass x.to_local()")
+    raise TypeError(f"{name} is a DTensor but x is a plain torch.Tensor; pass x as a DTensor on {name}'s mesh, "
+                    f"or {name}.full_tensor() (a module sharded by fully_shard holds DTensor parameters "
+                    f"outside its root's forward)")
+
+
+def _implicit_replication(dtensor) -> bool:
+    """Whether torch's implicit_replication() context is on (DTensor then replicates plain tensors)."""
+    flag = getattr(torch._C, "_get_dtensor_allow_implicit_replication", None)
+    if flag is not None:
+        return flag()
+    return bool(getattr(getattr(dtensor, "_op_dispatcher", None), "_allow_implicit_replication", False))
+
+
+def _replicated_if_one_sharded_element(p: Tensor) -> Tensor:
+    """A one-element DTensor sharded over its dim (a partition function that shards every 1-D
+    parameter) as a replicated one: the plain ops view a one-element alpha/weight/bias as a scalar,
+    which DTensor refuses on a sharded dim ("would remove or reshape sharded dimension 0").
+    redistribute is differentiable: the gradient goes back sharded."""
+    if p.numel() == 1 and type(p) is not Tensor and type(p) is not torch.nn.Parameter:
+        dtensor = _dtensor_class()
+        if dtensor is not None and isinstance(p, dtensor) and any(pl.is_shard() for pl in p.placements):
+            from torch.distributed.tensor import Replicate
+            return p.redistribute(p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+    return p
+
+
 def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor | None:
     if p is None:
         return None
     if not isinstance(p, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
     _check_layout(name, p)
+    check_same_kind(name, p, x)
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
     if p.numel() != channels or (p.dim() != 1 and name != "alpha"):
@@ -139,6 +190,7 @@ def check_param(name: str, p: Tensor | None, x: Tensor, channels: int) -> Tensor
     # table) is copied, which autograd differentiates through.
     if p.dim() != 1:
         p = p.reshape(-1)
+    p = _replicated_if_one_sharded_element(p)
     return resolved(p if p.is_contiguous() else p.contiguous())
 
 
@@ -158,6 +210,7 @@ def check_modulation(name: str, m: Tensor | None, x: Tensor) -> Tensor | None:
     if not isinstance(m, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
     _check_layout(name, m)
+    check_same_kind(name, m, x)
     if not modulation_fits(m, B, L, D):
         raise ValueError(f"{name} must be (B, D), (B, 1, D) or (B, L, D) with B={B}, L={L}, D={D}, "
                          f"got {shape_str(m)}")
