@@ -7,8 +7,8 @@ so the mode cached bare allocations and, on recompute, the kernel wrote into the
 "Tensor cached during selective activation checkpoint has been mutated". Under a mode the ops now go
 through their custom ops, which a mode sees, saves and replays as one op.
 
-Gradients are held to float64 autograd of the formula (float64_checks). On a CPU the custom ops compute
-with reference.py (ops/library.py); on a GPU the same tests run the kernels through them.
+Gradients are held to float64 autograd of the formula (float64_checks). The custom ops launch the kernels
+(on a CPU through the Triton interpreter, called eagerly: ops/library.py's _kernels).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dyt_kernels import dyt, dyt_modulate, use_backend
+from dyt_kernels import dyt, dyt_modulate, functional, use_backend
 from dyt_kernels.backend import INTERPRETER
 
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="counts launches through the Triton interpreter")
@@ -55,11 +55,17 @@ def counting():
             counter.in_launch -= 1
 
     interp.InterpretedFunction.run = run
+    # The counter is a dispatch mode, under which the ops take their custom ops (functional._dispatch_modes)
+    # and the mode would see one op, not the work inside it: the count is of the path a call takes with
+    # no mode active, so the ops are told none is. (test_a_mode_sees_the_custom_ops_launch_the_same_kernels
+    # counts the mode's path.)
+    modes, functional._dispatch_modes = functional._dispatch_modes, lambda: 0
     try:
         with counter:
             yield triton_launches, counter.torch_ops
     finally:
         interp.InterpretedFunction.run = original
+        functional._dispatch_modes = modes
 
 
 def _count(fn):
@@ -137,3 +143,28 @@ def test_counter_sees_torch_kernels():
     with counting() as (_, torch_ops):
         torch.randn(4, 8).sum(0).to(torch.bfloat16)
     assert "sum" in torch_ops and "_to_copy" in torch_ops
+
+
+def test_a_mode_sees_the_custom_ops_launch_the_same_kernels():
+    """Under a dispatch mode (functional._dispatch_modes) the calls go through the custom ops: the mode sees
+    one op each way, and inside them the same kernels launch as on the eager path."""
+    x, alpha, w, b = (t.requires_grad_() for t in (torch.randn(2, 8, 96), torch.rand(1) + 0.2, torch.randn(96),
+                                                    torch.randn(96)))
+    mods = torch.randn(3, 2, 96)
+    import triton.runtime.interpreter as interp
+    launches, counter, original = [], _Counter(), interp.InterpretedFunction.run
+    interp.InterpretedFunction.run = lambda self, *a, **k: launches.append(self.fn.__name__) or original(self, *a, **k)
+    try:
+        with use_backend("triton"), counter:
+            y = dyt(x, alpha, w, b)
+            fwd_ops, fwd = list(counter.torch_ops), list(launches)
+            h, r = dyt_modulate(y, alpha, mods[0], mods[1], w, b, residual=x, gate=mods[2])
+            mod_ops, mod = counter.torch_ops[len(fwd_ops):], launches[len(fwd):]
+            del launches[:], counter.torch_ops[:]
+            torch.autograd.grad((h * r).sum(), (x, alpha, w, b))
+    finally:
+        interp.InterpretedFunction.run = original
+    assert (fwd_ops, fwd) == (["dyt_fwd"], ["_dyt_fwd_kernel"])
+    assert (mod_ops, mod) == (["dyt_modulate_fwd"], ["_modulate_fwd_kernel"])
+    assert {"dyt_bwd", "dyt_modulate_bwd"} <= set(counter.torch_ops), counter.torch_ops
+    assert sorted(launches) == sorted(["_dyt_bwd_kernel", "_finish_kernel", "_modulate_bwd_kernel", "_finish_kernel"]), launches

@@ -2,7 +2,8 @@
 
 triton_op + wrap_triton let inductor see the Triton launches themselves. The eager path does not come
 through here (autograd.py calls the launchers directly: torch.library's Python dispatch costs more
-host time than the kernels take at small shapes). On CUDA tensors an op launches the kernels; on
+host time than the kernels take at small shapes; under a TorchDispatchMode it does). On CUDA tensors
+an op launches the kernels (and on CPU ones called eagerly under the Triton interpreter: _kernels); on
 others (CPU tensors in a compiled test, meta tensors) it computes with reference.py, so a compiled
 graph keeps the same ops on any device.
 """
@@ -16,8 +17,27 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
+from ..backend import INTERPRETER
 from . import dyt as dyt_ops
 from . import modulate as mod_ops
+
+
+def _kernels(x: Tensor) -> bool:
+    """Whether a call launches the kernels: on CUDA tensors, and on a plain CPU tensor called eagerly
+    under the Triton interpreter (the route a TorchDispatchMode takes in tests; functional.py). A traced
+    CPU call (fake or functional tensors) keeps reference.py's formulas, so a compiled CPU graph holds
+    plain ops."""
+    return x.is_cuda or (INTERPRETER and (type(x) is Tensor or type(x) is torch.nn.Parameter)
+                         and x.device.type == "cpu")
+
+
+def _as_launched(values, allocated):
+    """reference.py's results (a tensor, or a sequence with Nones) in the tensors the launchers would
+    allocate for them (output_like & co.): the ops' outputs have one layout whichever branch computed
+    them, so a fake run (which traces the branch a fake tensor takes) and a real one agree on strides."""
+    if isinstance(values, Tensor):
+        return allocated.copy_(values)
+    return tuple(None if v is None else a.copy_(v) for v, a in zip(values, allocated))
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -43,11 +63,11 @@ def _symbolic(*tensors: Optional[Tensor]) -> bool:
 @triton_op("dyt_kernels::dyt_fwd", mutates_args=())
 def dyt_fwd(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             channels_last: bool) -> Tensor:
-    if x.is_cuda:
+    if _kernels(x):
         if _symbolic(x, alpha, weight, bias):
             return torch.ops.dyt_kernels.dyt_fwd_dynamic(x, alpha, weight, bias, channels_last)
         return dyt_ops.forward(x, alpha, weight, bias, channels_last, launch=wrap_triton)
-    return reference.dyt(x, alpha, weight, bias, channels_last)
+    return _as_launched(reference.dyt(x, alpha, weight, bias, channels_last), dyt_ops.output_like(x, channels_last))
 
 
 @torch.library.custom_op("dyt_kernels::dyt_fwd_dynamic", mutates_args=())
@@ -66,12 +86,13 @@ def _(x, alpha, weight, bias, channels_last):
 def dyt_bwd(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dalpha, dweight, dbias); dweight/dbias are empty when weight/bias are None."""
-    if x.is_cuda:
+    if _kernels(x):
         if _symbolic(dy, x, alpha, weight, bias):
             return torch.ops.dyt_kernels.dyt_bwd_dynamic(dy, x, alpha, weight, bias, channels_last)
         grads = dyt_ops.backward(dy, x, alpha, weight, bias, channels_last, launch=wrap_triton)
     else:
-        grads = reference.dyt_backward(dy, x, alpha, weight, bias, channels_last)
+        grads = _as_launched(reference.dyt_backward(dy, x, alpha, weight, bias, channels_last),
+                             _dyt_grads_like(x, alpha, weight, bias, channels_last))
     return _or_empty(grads, x)
 
 
@@ -82,10 +103,15 @@ def dyt_bwd_dynamic(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tenso
     return _or_empty(dyt_ops.backward(dy, x, alpha, weight, bias, channels_last), x)
 
 
+def _dyt_grads_like(x, alpha, weight, bias, channels_last) -> tuple:
+    """(dx, dalpha, dweight, dbias) as the launchers allocate them (None where absent)."""
+    like = lambda p: None if p is None else torch.empty_like(p)  # noqa: E731
+    return dyt_ops.output_like(x, channels_last), torch.empty_like(alpha), like(weight), like(bias)
+
+
 @dyt_bwd_dynamic.register_fake
 def _(dy, x, alpha, weight, bias, channels_last):
-    like = lambda p: None if p is None else torch.empty_like(p)  # noqa: E731
-    return _or_empty((dyt_ops.output_like(x, channels_last), torch.empty_like(alpha), like(weight), like(bias)), x)
+    return _or_empty(_dyt_grads_like(x, alpha, weight, bias, channels_last), x)
 
 
 def _dyt_setup(ctx, inputs, output):
@@ -108,13 +134,13 @@ def dyt_modulate_fwd(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, wei
                      bias: Optional[Tensor], residual: Optional[Tensor], gate: Optional[Tensor]
                      ) -> tuple[Tensor, Tensor]:
     """(h, r); r is empty without a residual."""
-    if x.is_cuda:
+    if _kernels(x):
         if _symbolic(x, alpha, shift, scale, weight, bias, residual, gate):
             return torch.ops.dyt_kernels.dyt_modulate_fwd_dynamic(x, alpha, shift, scale, weight, bias, residual, gate)
         h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate, launch=wrap_triton)
     else:
         out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
-        h, r = (out, None) if residual is None else out
+        h, r = _as_launched((out, None) if residual is None else out, mod_ops.outputs_like(x, residual))
     return h, _empty(x) if r is None else r
 
 
@@ -139,14 +165,16 @@ def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alp
     input; absent ones come back empty, and so do dresidual, which equals dx without a gate, and a
     per-token shift's dshift, which is dh (custom-op outputs may not alias; _mod_grads)."""
     r = r if has_residual else x
-    if x.is_cuda:
+    if _kernels(x):
         if _symbolic(dh, dr, x, r, alpha, shift, scale, weight, bias, gate):
             return torch.ops.dyt_kernels.dyt_modulate_bwd_dynamic(dh, dr, x, r, alpha, shift, scale, weight, bias,
                                                                   gate, has_residual)
         grads = mod_ops.backward(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual,
                                  launch=wrap_triton)
     else:
-        grads = reference.dyt_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual)
+        grads = _as_launched(
+            reference.dyt_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual),
+            mod_ops.grads_like(x, r, alpha, shift, scale, weight, bias, gate, has_residual))
     return _mod_grads(grads, x, r, has_residual, gate, shift)
 
 
