@@ -316,6 +316,44 @@ def convert_layernorm_to_dyt(model: nn.Module, *, alpha_init_value: NumberOption
                     module_filter=module_filter, fuse_modulation=fuse_modulation)
 
 
+def _refuse_distributed_wrappers(model: nn.Module) -> None:
+    """Refuse, by name, a model already wrapped for data parallelism. DistributedDataParallel's reducer
+    holds the parameters it was built with: the DyTs' would never be allreduced, and the ranks drift apart
+    silently (with find_unused_parameters) or DDP fails at the second step. fully_shard (FSDP2) and FSDP
+    hold the norms' parameters sharded: their affine cannot be copied into a plain DyT."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, m in model.named_modules():
+        where = f"model.{name}" if name else "model"
+        if isinstance(m, DistributedDataParallel):
+            raise ValueError(f"{where} is wrapped in DistributedDataParallel, whose gradient buckets hold the norms' "
+                             f"parameters: the DyTs replacing them would never be allreduced. Convert first, then "
+                             f"wrap: DistributedDataParallel(convert_layernorm_to_dyt(model), ...)")
+        if isinstance(m, (FSDPModule, FullyShardedDataParallel)):
+            how = "fully_shard" if isinstance(m, FSDPModule) else "FullyShardedDataParallel"
+            raise ValueError(f"{where} is sharded by {how}: its norms' parameters are sharded, and the DyTs "
+                             f"replacing them would be plain tensors outside the sharding. Convert first, then "
+                             f"shard: convert_layernorm_to_dyt(model), then {how}(...)")
+
+
+def _refuse_distributed_affines(model: nn.Module, plan: _Plan) -> None:
+    """Refuse, by name, a norm to convert whose weight or bias is a DTensor (tensor parallelism applied
+    before the conversion): copying it into a plain DyT parameter fails inside DTensor, naming nothing."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    by_id = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
+    for m_id, (name, _) in plan.kinds.items():
+        for attr in ("weight", "bias"):
+            if isinstance(getattr(by_id[m_id], attr, None), DTensor):
+                raise ValueError(f"{name}.{attr} is a DTensor (the model was parallelized before the conversion); "
+                                 f"convert first, then apply the parallel plan")
+
+
 def _convert(model: nn.Module, *, alpha_init_value: NumberOption = 0.5, weight_init_value: NumberOption | None = None,
              alpha_per_channel: bool | PerModule = False, include_rmsnorm: bool = False, copy_affine: bool = True,
              module_filter: PerModule | None = None, fuse_modulation: bool = False,
@@ -330,7 +368,9 @@ def _convert(model: nn.Module, *, alpha_init_value: NumberOption = 0.5, weight_i
                         f"{type(module_filter).__name__}")
     opts = {"alpha_init_value": alpha_init_value, "weight_init_value": weight_init_value,
             "alpha_per_channel": alpha_per_channel, "copy_affine": copy_affine}
+    _refuse_distributed_wrappers(model)
     plan = _plan(model, include_rmsnorm, module_filter, probe_meta)
+    _refuse_distributed_affines(model, plan)
     new = _apply(model, plan, opts)
     result = new.get(id(model), model)
     keep_third_party_paths_working(result)

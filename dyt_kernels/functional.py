@@ -14,7 +14,8 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn import Parameter
 
 from . import reference
-from ._checks import as_alpha, check_finite, check_input, check_modulation, check_param, shape_str
+from ._checks import (as_alpha, check_finite, check_input, check_modulation, check_param, check_same_kind,
+                      shape_str)
 from .autograd import (DyTFused, DyTModulateFused, DyTModulateReference, DyTReference, dyt_apply,
                        modulate_apply)
 from .backend import traced_backend, use_triton
@@ -187,7 +188,7 @@ def _check_modulate_args(x, shift, scale, weight, bias, residual, gate):
     if shift is None or scale is None:
         raise TypeError("shift and scale are required tensors; pass zeros to disable one")
     if residual is not None:
-        residual = check_input("residual", residual)
+        residual = check_same_kind("residual", check_input("residual", residual), x)
         if residual.shape != x.shape or residual.device != x.device:
             raise ValueError(f"residual must match x: shape {shape_str(x)} on {x.device}, "
                              f"got {shape_str(residual)} on {residual.device}")

@@ -157,6 +157,12 @@ class DyT(nn.Module):
         y = dyt(x.reshape(*x.shape[: x.dim() - k], -1), alpha.reshape(-1), _flat(weight), _flat(bias))
         return y.reshape(x.shape)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in place of this module: the same parameters, the formula in
+        torch ops (the kernels are Triton launches, which TorchScript cannot hold), so a scripted model
+        saves and loads, as a scripted nn.LayerNorm does."""
+        return _ScriptedDyT(self)
+
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, alpha_init_value={self.alpha_init_value}, "
                 f"weight_init_value={self.weight_init_value}, alpha_per_channel={self.alpha_per_channel}, "
@@ -219,6 +225,78 @@ class ModulatedDyT(nn.Module):
         alpha, weight, bias = _alpha_weight_bias(self)
         return dyt_modulate(x, alpha, shift, scale, weight, bias, residual=residual, gate=gate)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """As DyT's: torch.jit.script compiles the formula in torch ops over the same parameters."""
+        return _ScriptedModulatedDyT(self)
+
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, alpha_init_value={self.alpha_init_value}, "
                 f"elementwise_affine={self.weight is not None}")
+
+
+# What torch.jit.script compiles for DyT and ModulatedDyT (their __prepare_scriptable__): reference.py's
+# formulas, written in TorchScript's subset, over the modules' own parameters. As the ops: fp32 math (float64
+# for float64 x), the result in x's dtype; dyt_modulate's r rounded to the residual's dtype before the norm.
+
+def _scripted_dyt(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  channel_shape: list[int]) -> Tensor:
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a = alpha.to(ct).reshape(()) if alpha.numel() == 1 else alpha.to(ct).reshape(channel_shape)
+    y = torch.tanh(a * x.to(ct))
+    if weight is not None:
+        y = y * weight.to(ct).reshape(channel_shape)
+    if bias is not None:
+        y = y + bias.to(ct).reshape(channel_shape)
+    return y.to(x.dtype)
+
+
+class _ScriptedDyT(nn.Module):
+    def __init__(self, norm: DyT) -> None:
+        super().__init__()
+        self.alpha, self.weight, self.bias = norm.alpha, norm.weight, norm.bias
+        self.normalized_shape = list(norm.normalized_shape)
+        self.channels_last = norm.channels_last
+        self.eps = norm.eps   # NaN, as DyT's (nn.TransformerEncoderLayer's scripted forward compares them)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = len(self.normalized_shape)
+        if self.channels_last:
+            if x.dim() < k or list(x.shape[x.dim() - k:]) != self.normalized_shape:
+                raise ValueError("x must end in DyT's normalized_shape")
+            return _scripted_dyt(x, self.alpha, self.weight, self.bias, self.normalized_shape)
+        if x.dim() < 2 or x.shape[1] != self.normalized_shape[0]:
+            raise ValueError("x must be (N, C, ...) with C = DyT's normalized_shape for channels_last=False")
+        shape = [self.normalized_shape[0]]
+        for _ in range(x.dim() - 2):
+            shape.append(1)
+        return _scripted_dyt(x, self.alpha, self.weight, self.bias, shape)
+
+
+def _per_sample(m: Tensor, x: Tensor) -> Tensor:
+    return m.reshape(x.shape[0], 1, x.shape[2]) if m.dim() == 2 else m
+
+
+class _ScriptedModulatedDyT(nn.Module):
+    def __init__(self, norm: ModulatedDyT) -> None:
+        super().__init__()
+        self.alpha, self.weight, self.bias = norm.alpha, norm.weight, norm.bias
+        self.hidden_size = norm.hidden_size
+
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Optional[Tensor] = None,
+                gate: Optional[Tensor] = None) -> Any:   # h, or (h, r) with a residual
+        if x.dim() != 3 or x.shape[2] != self.hidden_size:
+            raise ValueError("x must be (B, L, D) with D = ModulatedDyT's hidden_size")
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        r = x
+        if residual is not None:
+            # (the add in float64 for a float64 residual stream, as eager `residual + gate * x` keeps it)
+            at = torch.float64 if residual.dtype == torch.float64 else ct
+            r = x.to(at)
+            if gate is not None:
+                r = r * _per_sample(gate, x).to(at)
+            r = (residual.to(at) + r).to(residual.dtype)
+        n = _scripted_dyt(r.to(ct), self.alpha, self.weight, self.bias, [self.hidden_size])
+        h = (n * (1 + _per_sample(scale, x).to(ct)) + _per_sample(shift, x).to(ct)).to(x.dtype)
+        if residual is None:
+            return h
+        return h, r

@@ -216,8 +216,6 @@ def test_plain_modulation_beside_a_dtensor_x_is_refused_by_name(plain, backend, 
         dyt_modulate(xd, 0.5, given["shift"], given["scale"], residual=rd, gate=given["gate"])
 
 
-@pytest.mark.xfail(strict=True, reason="the residual is checked in functional._check_modulate_args, which this "
-                                       "session may not edit: it needs _checks.check_same_kind('residual', ...)")
 def test_plain_residual_beside_a_dtensor_x_is_refused_by_name(one_rank_group):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -281,29 +279,39 @@ def test_sharded_one_element_alpha(op, backend, one_rank_group):
 
 
 # --------------------------------------------------------------------------------------------------
-# Converting after wrapping (convert.py: not fixed here, see the reasons)
+# Converting after wrapping or parallelizing: refused by name (convert._refuse_distributed_*)
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="convert_layernorm_to_dyt accepts a DDP-wrapped model: DDP's reducer "
-                                       "keeps the replaced LayerNorm parameters and never allreduces the "
-                                       "DyT ones, so ranks diverge silently (with find_unused_parameters; "
-                                       "without it DDP errors at the second step). Needs a check in "
-                                       "convert.py, which this session may not edit")
 def test_converting_a_ddp_wrapped_model_is_refused(one_rank_group):
+    """DDP's reducer keeps the replaced LayerNorm parameters and never allreduces the DyT ones: ranks drifted
+    apart silently (find_unused_parameters=True) or DDP failed at the second step. Also nested in a model."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1)), find_unused_parameters=True)
-    with pytest.raises(ValueError, match="DistributedDataParallel"):
+    with pytest.raises(ValueError, match=r"^model is wrapped in DistributedDataParallel"):
         convert_layernorm_to_dyt(ddp)
+    with pytest.raises(ValueError, match=r"^model\.1 is wrapped in DistributedDataParallel"):
+        convert_layernorm_to_dyt(nn.Sequential(nn.Linear(8, 8), ddp))
+    assert isinstance(ddp.module[1], nn.LayerNorm)   # nothing was changed
 
 
-@pytest.mark.xfail(strict=True, reason="convert_layernorm_to_dyt on a model after fully_shard copies the "
-                                       "sharded DTensor affine into plain tensors: DTensor's 'aten.copy_.default "
-                                       "got mixed torch.Tensor and DTensor'. Needs a check in convert.py")
 def test_converting_after_fully_shard_is_refused_by_name(one_rank_group):
     from torch.distributed.fsdp import fully_shard
 
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1))
     fully_shard(model)
     with pytest.raises(ValueError, match="fully_shard"):
+        convert_layernorm_to_dyt(model)
+
+
+def test_converting_after_fsdp1_or_a_tensor_parallel_plan_is_refused_by_name(one_rank_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    with pytest.raises(ValueError, match="FullyShardedDataParallel"):
+        convert_layernorm_to_dyt(FullyShardedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)),
+                                                           device_id=torch.device("cpu")))
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    parallelize_module(model, _mesh(), {"1": SequenceParallel()})
+    with pytest.raises(ValueError, match=r"^1\.weight is a DTensor"):
         convert_layernorm_to_dyt(model)

@@ -280,7 +280,7 @@ def test_legacy_onnx_export_on_the_kernel_route(tmp_path):
 
 
 def test_jit_script_runs_in_python():
-    """torch.jit.script(DyT) works in Python, as README says (the op stays a Python call)."""
+    """torch.jit.script(DyT) runs in Python (the formula in torch ops: DyT.__prepare_scriptable__)."""
     torch.manual_seed(0)
     norm = DyT(8)
     nn.init.normal_(norm.weight)
@@ -289,10 +289,6 @@ def test_jit_script_runs_in_python():
     torch.testing.assert_close(torch.jit.script(norm)(x).double(), want, **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="DyT.forward calls a @torch.jit.ignore method, so a scripted DyT cannot be "
-                   "saved ('Could not export Python function call _forward'), where a scripted nn.LayerNorm can. "
-                   "Fix (modules.py, DyT.forward / ModulatedDyT.forward): under torch.jit.is_scripting() compute "
-                   "the formula with torch ops (w * tanh(alpha * x) + b over the channel dim)")
 def test_jit_script_saves(tmp_path):
     norm = torch.jit.script(DyT(8))
     torch.jit.save(norm, str(tmp_path / "scripted.pt"))
@@ -438,3 +434,58 @@ def test_aoti_package_on_cpu(tmp_path, monkeypatch):
     loaded = torch._inductor.aoti_load_package(path)
     for got, want in zip(loaded(*args), _small_float64(small, args)):
         torch.testing.assert_close(got.double(), want, **TOL)
+
+
+def _scripted_cases(dtype):
+    torch.manual_seed(0)
+    per_channel = DyT(8, alpha_per_channel=True)
+    channels_first = DyT(6, channels_last=False, bias=False)
+    modulated = ModulatedDyT(8, elementwise_affine=True)
+    for m in (per_channel, channels_first, modulated):
+        for p in m.parameters():
+            nn.init.uniform_(p, 0.3, 1.5)
+    x, mod = torch.randn(2, 3, 8, dtype=dtype), lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    return [(per_channel, (x,)), (DyT((4, 8)), (torch.randn(2, 4, 8, dtype=dtype),)),
+            (channels_first, (torch.randn(2, 6, 5, 3, dtype=dtype),)),
+            (modulated, (x, mod(2, 8), mod(2, 1, 8))),
+            (modulated, (x, mod(2, 8), mod(2, 3, 8), torch.randn(2, 3, 8), mod(2, 8))),
+            (modulated, (x, mod(2, 8), mod(2, 3, 8), torch.randn(2, 3, 8, dtype=torch.float64), mod(2, 8)))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scripted_modules_save_load_and_equal_eager(dtype, tmp_path):
+    """torch.jit.script compiles DyT's and ModulatedDyT's __prepare_scriptable__ twins (the formula in
+    torch ops over the same parameters): saved and loaded, they give the torch backend's eager results to
+    the bit (same fp32 math, same dtypes: h in x's, r in the residual's), per-channel alpha, several
+    normalized dims, channels-first, per-sample and per-token modulations, fp32 and float64 residuals."""
+    for i, (module, args) in enumerate(_scripted_cases(dtype)):
+        scripted = torch.jit.script(module)
+        path = str(tmp_path / f"{i}.pt")
+        torch.jit.save(scripted, path)
+        with use_backend("torch"):
+            want = module(*args)
+        want = want if isinstance(want, tuple) else (want,)
+        for m in (scripted, torch.jit.load(path)):
+            got = m(*args)
+            got = got if isinstance(got, tuple) else (got,)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and torch.equal(g, w), (i, g.dtype, w.dtype)
+    with pytest.raises(Exception, match="normalized_shape"):
+        torch.jit.script(DyT(8))(torch.randn(2, 7))
+
+
+def test_scripted_converted_encoder_saves_and_equals_eager(tmp_path):
+    """A converted nn.TransformerEncoder (scriptable with LayerNorm) scripts, saves and loads: its scripted
+    forward reads norm1.eps and norm2.eps (DyT's NaN, so never the LayerNorm fast path)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    model = convert_layernorm_to_dyt(nn.TransformerEncoder(layer, num_layers=2, norm=nn.LayerNorm(32),
+                                                           enable_nested_tensor=False).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model), str(tmp_path / "encoder.pt"))
+        loaded = torch.jit.load(str(tmp_path / "encoder.pt"))
+    x = torch.randn(2, 7, 32)
+    with use_backend("torch"), torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
