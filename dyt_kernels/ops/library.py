@@ -31,6 +31,13 @@ def _kernels(x: Tensor) -> bool:
                          and x.device.type == "cpu")
 
 
+def _launcher(x: Tensor):
+    """wrap_triton on CUDA (inductor sees the launches); a direct launch for the interpreter's CPU tensors,
+    which are never traced (_kernels) and which torch 2.11's wrap_triton refuses (an interpreted kernel is
+    not a JITFunction)."""
+    return wrap_triton if x.is_cuda else None
+
+
 def _as_launched(values, allocated):
     """reference.py's results (a tensor, or a sequence with Nones) in the tensors the launchers would
     allocate for them (output_like & co.): the ops' outputs have one layout whichever branch computed
@@ -66,7 +73,7 @@ def dyt_fwd(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[T
     if _kernels(x):
         if _symbolic(x, alpha, weight, bias):
             return torch.ops.dyt_kernels.dyt_fwd_dynamic(x, alpha, weight, bias, channels_last)
-        return dyt_ops.forward(x, alpha, weight, bias, channels_last, launch=wrap_triton)
+        return dyt_ops.forward(x, alpha, weight, bias, channels_last, launch=_launcher(x))
     return _as_launched(reference.dyt(x, alpha, weight, bias, channels_last), dyt_ops.output_like(x, channels_last))
 
 
@@ -89,7 +96,7 @@ def dyt_bwd(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias
     if _kernels(x):
         if _symbolic(dy, x, alpha, weight, bias):
             return torch.ops.dyt_kernels.dyt_bwd_dynamic(dy, x, alpha, weight, bias, channels_last)
-        grads = dyt_ops.backward(dy, x, alpha, weight, bias, channels_last, launch=wrap_triton)
+        grads = dyt_ops.backward(dy, x, alpha, weight, bias, channels_last, launch=_launcher(x))
     else:
         grads = _as_launched(reference.dyt_backward(dy, x, alpha, weight, bias, channels_last),
                              _dyt_grads_like(x, alpha, weight, bias, channels_last))
@@ -137,7 +144,7 @@ def dyt_modulate_fwd(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, wei
     if _kernels(x):
         if _symbolic(x, alpha, shift, scale, weight, bias, residual, gate):
             return torch.ops.dyt_kernels.dyt_modulate_fwd_dynamic(x, alpha, shift, scale, weight, bias, residual, gate)
-        h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate, launch=wrap_triton)
+        h, r = mod_ops.forward(x, alpha, shift, scale, weight, bias, residual, gate, launch=_launcher(x))
     else:
         out = reference.dyt_modulate(x, alpha, shift, scale, weight, bias, residual, gate)
         h, r = _as_launched((out, None) if residual is None else out, mod_ops.outputs_like(x, residual))
@@ -170,7 +177,7 @@ def dyt_modulate_bwd(dh: Tensor, dr: Optional[Tensor], x: Tensor, r: Tensor, alp
             return torch.ops.dyt_kernels.dyt_modulate_bwd_dynamic(dh, dr, x, r, alpha, shift, scale, weight, bias,
                                                                   gate, has_residual)
         grads = mod_ops.backward(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual,
-                                 launch=wrap_triton)
+                                 launch=_launcher(x))
     else:
         grads = _as_launched(
             reference.dyt_modulate_grads(dh, dr, x, r, alpha, shift, scale, weight, bias, gate, has_residual),
