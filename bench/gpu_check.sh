@@ -156,7 +156,7 @@ if [ "$CUDA" -eq 1 ]; then
   # The kernels' numerics on the hardware first (its tanh forms are not the interpreter's), then every
   # other file alphabetically: the stage rarely finishes, so what it reaches should be what matters most.
   FIRST=(test_dyt test_modulate test_extremes test_layouts test_neg_views test_autograd test_signature_cache
-         test_modules test_dynamic_shapes test_saved_hooks test_transforms test_subclasses)
+         test_modules test_dynamic_shapes test_saved_hooks test_dispatch_modes test_transforms test_subclasses)
   ORDERED=()
   for f in "${FIRST[@]}"; do [ -f "tests/$f.py" ] && ORDERED+=("tests/$f.py"); done
   for f in tests/test_*.py; do
