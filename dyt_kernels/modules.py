@@ -234,6 +234,29 @@ class ModulatedDyT(nn.Module):
                 f"elementwise_affine={self.weight is not None}")
 
 
+def dyt_parameter_names(model: nn.Module) -> list[str]:
+    """The qualified names (as ``model.named_parameters()`` gives them) of the parameters DyT and ModulatedDyT
+    modules hold: alpha, weight and bias, which recipes leave out of weight decay as they do a norm's
+    (the DyT paper's timm recipes decay no 1-D parameter). Hugging Face's Trainer recognizes only
+    nn.LayerNorm instances and a few name patterns, so after conversion it would decay them::
+
+        class DyTTrainer(transformers.Trainer):
+            def get_decay_parameter_names(self, model):
+                skip = set(dyt_parameter_names(model))
+                return [n for n in super().get_decay_parameter_names(model) if n not in skip]
+
+    >>> import torch
+    >>> from dyt_kernels import convert_layernorm_to_dyt, dyt_parameter_names
+    >>> model = convert_layernorm_to_dyt(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+    >>> dyt_parameter_names(model)
+    ['1.alpha', '1.weight', '1.bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    held = {id(p) for m in model.modules() if isinstance(m, (DyT, ModulatedDyT)) for p in m.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in held]
+
+
 # What torch.jit.script compiles for DyT and ModulatedDyT (their __prepare_scriptable__): reference.py's
 # formulas, written in TorchScript's subset, over the modules' own parameters. As the ops: fp32 math (float64
 # for float64 x), the result in x's dtype; dyt_modulate's r rounded to the residual's dtype before the norm.

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dyt_kernels import dyt_parameter_names
 from models import build_model
 
 from .artifacts import save_grid, save_losses
@@ -149,7 +150,7 @@ def prepare(values: dict[str, Any], given: set[str]) -> Run:
     data = load_data(cfg, rank, world)
     model, diffusion = build(cfg, data[0], device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
     warmup = max(1, cfg["warmup_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     run = Run(cfg, device, rank, world, data, model, diffusion, ema, optimizer, scheduler)
@@ -166,6 +167,20 @@ def prepare(values: dict[str, Any], given: set[str]) -> Run:
     if saved is not None and run.is_main:
         check_resumed_data(saved["run_info"], run.info, cfg["resume"])
     return run
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups. With weight decay, the norms' parameters (DyT's and ModulatedDyT's alpha,
+    weight and bias; LayerNorm's affine) and the biases, every 1-D parameter, go in a group without it, as
+    the DyT paper's timm recipes group them (decaying alpha toward 0 would flatten the tanh). Without
+    weight decay, one group, as before (a checkpoint's optimizer state holds one)."""
+    if weight_decay == 0:
+        return [{"params": list(model.parameters()), "weight_decay": 0.0}]
+    norms = set(dyt_parameter_names(model))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name in norms or p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def load_data(cfg: dict[str, Any], rank: int, world: int) -> tuple[ImageSet, ImageSet]:

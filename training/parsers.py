@@ -60,7 +60,8 @@ def add_train_flags(c: Command) -> None:
     a("--lr", type=number(0, above=True), help="AdamW peak learning rate (default: the preset's)")
     a("--warmup-steps", type=integer(0),
       help="linear learning-rate warm-up steps, then constant (default: the preset's)")
-    a("--weight-decay", default=0.0, type=number(0), help="AdamW weight decay")
+    a("--weight-decay", default=0.0, type=number(0),
+      help="AdamW weight decay of the weight matrices (norm parameters, DyT's alpha included, and biases: none)")
     a("--ema-decay", type=number(0, 1), help="EMA decay of the weights used for sampling (default: the preset's)")
     a("--loss-weighting", choices=DDPM.LOSS_WEIGHTINGS,
       help="PixArt's per-step weight on the MSE of its prediction (eps or v): simple (DDPM), min_snr, "
