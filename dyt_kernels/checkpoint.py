@@ -177,6 +177,11 @@ def load_pretrained_dyt(model_class, directory: str, *, subfolder: str = "", fus
     if subfolder:
         from_pretrained_kwargs["subfolder"] = subfolder
     model = model_class.from_pretrained(directory, **from_pretrained_kwargs)
+    if any(hasattr(m, "_hf_hook") for m in model.modules()) and any(p.is_meta for p in model.parameters()):
+        raise ValueError("device_map offloads part of the model (to the CPU or disk, behind accelerate's hooks, "
+                         "the modules holding meta tensors), where the DyTs cannot be built and their alphas "
+                         "loaded: load without an offloading device_map, then dispatch: "
+                         "accelerate.dispatch_model(load_pretrained_dyt(...), device_map=..., offload_dir=...)")
     alphas = _match_prefix(model, _read_alphas(folder))
     model = _convert_for(model, alphas, fuse_modulation)
     homeless = _homeless_alphas(model, alphas)

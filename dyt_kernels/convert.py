@@ -17,6 +17,7 @@ from typing import Callable, Union
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._checks import check_finite
@@ -232,6 +233,10 @@ def _apply(model: nn.Module, plan: _Plan, opts: dict) -> dict[int, DyT]:
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in new:
                 setattr(parent, attr, new[id(child)])
+                if attr == "_orig_mod" and isinstance(parent, OptimizedModule):
+                    # torch.compile(norm) bound the norm's __call__ when it wrapped it: without this the
+                    # wrapper keeps calling the LayerNorm, and the DyT's parameters never get a gradient
+                    parent._initialize()
         _rebind_plain_references(parent, new)
     return new
 
@@ -354,6 +359,23 @@ def _refuse_distributed_affines(model: nn.Module, plan: _Plan) -> None:
                                  f"convert first, then apply the parallel plan")
 
 
+def _refuse_offloaded(model: nn.Module, plan: _Plan) -> None:
+    """Refuse, by name, a norm to convert that accelerate has offloaded (cpu_offload, or a device map
+    with CPU or disk offload): its tensors are on the meta device, the real ones in a hook's weights map.
+    The DyT would be built on meta without the hook, and every forward would fail ("alpha is on meta")."""
+    ancestors = _ancestors(model)
+    by_id = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
+    for m_id, (name, _) in plan.kinds.items():
+        norm, above = by_id[m_id], ancestors.get(m_id, [])
+        hooked = any(hasattr(m, "_hf_hook") for m in (norm, *above))
+        # (a norm without an affine has no tensor of its own: its DyT goes where its ancestors' are)
+        if hooked and (any(t.is_meta for t in (*norm.parameters(), *norm.buffers()))
+                       or str(_placement(norm, above)[0]) == "meta"):
+            raise ValueError(f"{name} is offloaded by accelerate (its weights live in a hook, the module holds meta "
+                             f"tensors): convert before dispatching: convert_layernorm_to_dyt(model), then "
+                             f"accelerate.cpu_offload / dispatch_model(model, device_map)")
+
+
 def _convert(model: nn.Module, *, alpha_init_value: NumberOption = 0.5, weight_init_value: NumberOption | None = None,
              alpha_per_channel: bool | PerModule = False, include_rmsnorm: bool = False, copy_affine: bool = True,
              module_filter: PerModule | None = None, fuse_modulation: bool = False,
@@ -371,6 +393,7 @@ def _convert(model: nn.Module, *, alpha_init_value: NumberOption = 0.5, weight_i
     _refuse_distributed_wrappers(model)
     plan = _plan(model, include_rmsnorm, module_filter, probe_meta)
     _refuse_distributed_affines(model, plan)
+    _refuse_offloaded(model, plan)
     new = _apply(model, plan, opts)
     result = new.get(id(model), model)
     keep_third_party_paths_working(result)

@@ -360,11 +360,6 @@ def _dyt_of(x, norm):
     return torch.tanh(norm.alpha * x) * norm.weight + norm.bias
 
 
-@pytest.mark.xfail(strict=True, reason="torch.compile(norm) binds the LayerNorm's __call__ when it wraps it "
-                   "(OptimizedModule._initialize); the converter puts the DyT at _orig_mod but the wrapper still "
-                   "calls the LayerNorm: the report and repr say DyT, the model computes LayerNorm and the "
-                   "DyT's parameters never get a gradient. Fix: convert.py _apply re-binds an OptimizedModule "
-                   "whose _orig_mod it replaced (parent._initialize()), or refuses it by name")
 @pytest.mark.parametrize("where", ["a compiled norm inside the model", "the model is a compiled norm"])
 def test_converting_a_compiled_norm_computes_dyt(where):
     torch.manual_seed(0)

@@ -197,12 +197,6 @@ def test_accelerate_offloaded_fused_model_equals_unfused(name, how, tmp_path):
     torch.testing.assert_close(_forward(fused, inputs), want, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="fuse_modulation switches PixArt's BasicTransformerBlock to "
-                   "FusedBasicTransformerBlock, a name not in model._no_split_modules (accelerate and diffusers "
-                   "match class names): infer_auto_device_map splits the block (its norm, attentions and ff on "
-                   "different devices), which on two GPUs ends in a residual add across devices. Fix: "
-                   "fuse_modulation adds the fused class names to every _no_split_modules that names the "
-                   "diffusers class")
 def test_infer_auto_device_map_keeps_a_fused_block_whole():
     accelerate = pytest.importorskip("accelerate")
     _, _, unfused, fused = _variants("pixart")
@@ -249,12 +243,6 @@ def _offload_then_convert(name, accelerate, tmp_path, how):
     return hand, base
 
 
-@pytest.mark.xfail(strict=True, reason="converting a model accelerate has offloaded builds the DyTs on the meta "
-                   "device (the norms' parameters live in the hooks' weights maps) and drops the norms' hooks: the "
-                   "conversion succeeds and every forward raises 'alpha is on meta but x is on cpu'. Fix: "
-                   "convert.py _convert refuses, by name, a norm to convert that sits in a module carrying an "
-                   "accelerate _hf_hook with offload (or whose DyT would be placed on meta under such a hook): "
-                   "'convert before dispatching'")
 @pytest.mark.parametrize("name", ["pixart", "dit"])
 @pytest.mark.parametrize("how", ["cpu_offload", "dispatch_with_disk"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
@@ -271,14 +259,6 @@ def test_converting_an_accelerate_offloaded_model_is_refused_or_right(name, how,
     torch.testing.assert_close(_forward(model, inputs), want, rtol=0, atol=_atol(want))
 
 
-@pytest.mark.xfail(strict=True, reason="load_pretrained_dyt hands device_map to from_pretrained, which dispatches "
-                   "(disk offload: the norms' parameters on meta behind hooks) before the converter runs: the DyTs "
-                   "are built on meta, load_state_dict of the alphas into meta tensors is a silent no-op, no "
-                   "warning, and the first forward raises 'alpha is on meta'. Fix: checkpoint.py "
-                   "load_pretrained_dyt pops device_map / max_memory / offload_folder / offload_state_dict, loads "
-                   "on the CPU, converts and loads the alphas, then dispatches with accelerate.dispatch_model "
-                   "(a string map through infer_auto_device_map with the model's _no_split_modules); or refuses "
-                   "an offloading device_map by name")
 @pytest.mark.parametrize("name", ["pixart", "dit"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
 def test_load_pretrained_dyt_with_an_offloading_device_map(name, fuse, tmp_path):
@@ -321,13 +301,6 @@ def _remove_diffusers_hooks(model):
                 registry.remove_hook(hook, recurse=False)
 
 
-@pytest.mark.xfail(strict=True, reason="removing accelerate's hooks (remove_hook_from_module, as a pipeline's "
-                   "remove_all_hooks after enable_sequential_cpu_offload does) or diffusers' (leaf-level group "
-                   "offloading) leaves the original bound forward as an instance attribute; _called_plainly sees "
-                   "'forward' in vars(norm) and the fused path never runs again, silently (0 dyt_modulate calls). "
-                   "Fix: integrations/diffusers.py _called_plainly treats an instance forward that is the class's "
-                   "own forward bound to the norm (getattr(f, '__func__', None) is type(norm).forward and "
-                   "f.__self__ is norm) as plain")
 @pytest.mark.parametrize("how", ["accelerate", "diffusers"])
 def test_fused_path_runs_again_once_offload_hooks_are_removed(how, fused_calls):
     pytest.importorskip("accelerate")

@@ -43,8 +43,13 @@ def _called_plainly(norm: nn.Module) -> bool:
     """Whether calling the norm runs its forward and nothing else: no hooks of its own, no forward replaced
     on the instance (as accelerate's offload hooks and diffusers' HookRegistry do, to bring its parameters
     to the device). The fused forwards read its parameters without calling it, which would skip those."""
-    return not (norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks or norm._backward_pre_hooks
-                or "forward" in vars(norm))
+    if norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks or norm._backward_pre_hooks:
+        return False
+    forward = vars(norm).get("forward")
+    # (a forward that is the class's own, bound to the norm, is what removing accelerate's or diffusers'
+    # hooks leaves on the instance: plain again)
+    return forward is None or (getattr(forward, "__func__", None) is type(norm).forward
+                               and getattr(forward, "__self__", None) is norm)
 
 
 def _fits(norm: nn.Module | None, x: Tensor) -> bool:
@@ -241,4 +246,19 @@ def fuse_modulation(model: nn.Module) -> Counter:
             m.__class__ = fused
     if counts["BasicTransformerBlock"]:
         _register_with_diffusers_hooks()
+    _name_fused_classes(model, {cls.__name__: f.__name__ for cls, f in FUSED.items() if counts[cls.__name__]})
     return counts
+
+
+def _name_fused_classes(model: nn.Module, renamed: dict) -> None:
+    """Add the fused classes' names beside the diffusers classes' in the lists that accelerate and
+    diffusers match by class name: `_no_split_modules` (device maps keep such a block on one device; a
+    fused block missing from it was split across devices) and `_repeated_blocks` (regional compilation).
+    Set on the instance, so the diffusers class's own lists are left as they are."""
+    for m in model.modules():
+        for attr in ("_no_split_modules", "_repeated_blocks"):
+            names = getattr(m, attr, None)
+            if isinstance(names, (list, tuple)):
+                extra = [renamed[n] for n in names if n in renamed and renamed[n] not in names]
+                if extra:
+                    setattr(m, attr, [*names, *extra])
