@@ -139,6 +139,28 @@ def _read_alphas(directory: str) -> dict[str, Tensor]:
     return out
 
 
+def _transformers_renamed(model: nn.Module, alphas: dict[str, Tensor], key_mapping) -> dict[str, Tensor]:
+    """The alphas' keys as transformers renames a checkpoint's keys when it loads them into this model.
+    transformers 5 saves some models under other names than their modules have (ViTModel's
+    `layers.0.layernorm_before` is written as `encoder.layer.0.layernorm_before`) and maps them back on
+    loading; the alphas, which from_pretrained does not load, need the same mapping. Unchanged for other
+    libraries and for transformers releases without the conversion mapping."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return alphas
+    if not isinstance(model, PreTrainedModel):
+        return alphas
+    transforms = get_model_conversion_mapping(model, key_mapping, None)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return alphas
+    return {rename_source_key(k, renamings, converters)[0]: v for k, v in alphas.items()}
+
+
 def _match_prefix(model: nn.Module, alphas: dict[str, Tensor]) -> dict[str, Tensor]:
     """Re-key alphas saved from a base model into a model with a head, or the reverse (transformers'
     base_model_prefix, e.g. 'bert.'), when the names do not match as they are."""
@@ -165,10 +187,10 @@ def load_pretrained_dyt(model_class, directory: str, *, subfolder: str = "", fus
     >>> from transformers import BertConfig, BertModel
     >>> from dyt_kernels import convert_layernorm_to_dyt, load_pretrained_dyt
     >>> config = BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    >>> path = tempfile.mkdtemp()
-    >>> convert_layernorm_to_dyt(BertModel(config)).save_pretrained(path)
-    >>> type(load_pretrained_dyt(BertModel, path).embeddings.LayerNorm).__name__
-    'DyT'
+    >>> with tempfile.TemporaryDirectory() as path:
+    ...     convert_layernorm_to_dyt(BertModel(config)).save_pretrained(path)
+    ...     print(type(load_pretrained_dyt(BertModel, path).embeddings.LayerNorm).__name__)
+    DyT
     """
     folder = os.path.join(directory, subfolder) if subfolder else directory
     if not os.path.isdir(folder):
@@ -182,7 +204,8 @@ def load_pretrained_dyt(model_class, directory: str, *, subfolder: str = "", fus
                          "the modules holding meta tensors), where the DyTs cannot be built and their alphas "
                          "loaded: load without an offloading device_map, then dispatch: "
                          "accelerate.dispatch_model(load_pretrained_dyt(...), device_map=..., offload_dir=...)")
-    alphas = _match_prefix(model, _read_alphas(folder))
+    alphas = _match_prefix(model, _transformers_renamed(model, _read_alphas(folder),
+                                                        from_pretrained_kwargs.get("key_mapping")))
     model = _convert_for(model, alphas, fuse_modulation)
     homeless = _homeless_alphas(model, alphas)
     _warn_homeless(homeless, folder)

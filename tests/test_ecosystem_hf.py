@@ -126,11 +126,6 @@ def test_timm_norm_class_converts_to_its_formula_or_is_named(name, backend):
     _check_single_norm(name, *_timm_norms()[name], backend)
 
 
-@pytest.mark.xfail(strict=True, reason="timm's RmsNormAct / RmsNormAct2d hold their own weight plus act and drop "
-                   "children; convert._plan takes a *Norm-named module as a candidate only when it has no children, "
-                   "so it is skipped without a probe: an RMSNorm (apply_act=False) stays unconverted and one with "
-                   "an activation is not named in the warning. Fix: probe a *Norm-named module that holds a "
-                   "parameter of its own even when it has children")
 @pytest.mark.parametrize("cls,apply_act", [("RmsNormAct", False), ("RmsNormAct2d", False),
                                            ("RmsNormAct", True), ("RmsNormAct2d", True)])
 def test_timm_rmsnorm_with_act_children_is_converted_or_named(cls, apply_act):
@@ -477,13 +472,7 @@ def _timm_wrapper():
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("vit", marks=pytest.mark.xfail(
-        strict=True, reason="transformers 5 save_pretrained reverts ViTModel's weight renaming (layers.N -> "
-        "encoder.layer.N), so the saved alphas are named as the checkpoint format names them; load_pretrained_dyt "
-        "reads those raw keys and matches them against the loaded model's module names: the block norms stay "
-        "LayerNorm and their alphas are DROPPED (a warning). Fix: checkpoint.load_pretrained_dyt renames the keys "
-        "_read_alphas returns with transformers' own loading renames (conversion_mapping."
-        "get_model_conversion_mapping(model) + core_model_loading.rename_source_key) before _match_prefix")),
+    "vit",
     "timm_wrapper"])
 def test_save_pretrained_then_load_pretrained_dyt_for_renamed_checkpoint_formats(name, tmp_path):
     """Models whose saved key names differ from their module names (transformers' conversion mapping):
