@@ -101,10 +101,11 @@ def _plan(model: nn.Module, include_rmsnorm: bool, module_filter: PerModule | No
         if isinstance(m, (DyT, ModulatedDyT)):
             continue
         torch_rms = hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)
-        # (a *Norm with children is a container, as diffusers' AdaLayerNorm*, unless it holds a parameter of its
-        # own: timm's RmsNormAct keeps its weight beside `drop` and `act` children, and is probed)
+        # (a *Norm with children is a container, as diffusers' AdaLayerNorm*, unless it holds a weight of its
+        # own: timm's RmsNormAct keeps its weight beside `drop` and `act` children, and is probed; a head
+        # named after its model, as RobertaPreLayerNormLMHead with its vocab bias, is not)
         candidate = isinstance(m, nn.LayerNorm) or torch_rms or (is_norm_named(m) and (
-            not m._modules or any(p is not None for p in m._parameters.values())))
+            not m._modules or isinstance(m._parameters.get("weight"), nn.Parameter)))
         if not candidate and not isinstance(m, NOT_REPLACEABLE):
             continue
         if module_filter is not None and not module_filter(name, m):

@@ -282,6 +282,8 @@ class _ScriptedDyT(nn.Module):
         self.eps = norm.eps   # NaN, as DyT's (nn.TransformerEncoderLayer's scripted forward compares them)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError("x must be float32, bfloat16, float16 or float64")
         k = len(self.normalized_shape)
         if self.channels_last:
             if x.dim() < k or list(x.shape[x.dim() - k:]) != self.normalized_shape:
@@ -299,6 +301,16 @@ def _per_sample(m: Tensor, x: Tensor) -> Tensor:
     return m.reshape(x.shape[0], 1, x.shape[2]) if m.dim() == 2 else m
 
 
+def _scripted_modulation(name: str, m: Tensor, x: Tensor) -> Tensor:
+    """m, refused unless (B, D), (B, 1, D) or (B, L, D) for a (B, L, D) x (as _checks.modulation_fits)."""
+    B, L, D = x.shape[0], x.shape[1], x.shape[2]
+    if m.dim() == 2 and m.shape[0] == B and m.shape[1] == D:
+        return m
+    if m.dim() == 3 and m.shape[0] == B and m.shape[2] == D and (m.shape[1] == 1 or m.shape[1] == L):
+        return m
+    raise ValueError(name + " must be (B, D), (B, 1, D) or (B, L, D) for x of shape (B, L, D)")
+
+
 class _ScriptedModulatedDyT(nn.Module):
     def __init__(self, norm: ModulatedDyT) -> None:
         super().__init__()
@@ -307,19 +319,30 @@ class _ScriptedModulatedDyT(nn.Module):
 
     def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None) -> Any:   # h, or (h, r) with a residual
+        if not x.is_floating_point():
+            raise TypeError("x must be float32, bfloat16, float16 or float64")
         if x.dim() != 3 or x.shape[2] != self.hidden_size:
             raise ValueError("x must be (B, L, D) with D = ModulatedDyT's hidden_size")
+        shift, scale = _scripted_modulation("shift", shift, x), _scripted_modulation("scale", scale, x)
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         r = x
-        if residual is not None:
+        if residual is None:
+            if gate is not None:
+                raise ValueError("gate scales x before the residual add, so it needs residual; got residual=None")
+        else:
+            if residual.shape != x.shape:
+                raise ValueError("residual must have x's shape (B, L, D)")
             # (the add in float64 for a float64 residual stream, as eager `residual + gate * x` keeps it)
             at = torch.float64 if residual.dtype == torch.float64 else ct
-            r = x.to(at)
+            wide = x.to(at)
             if gate is not None:
-                r = r * _per_sample(gate, x).to(at)
-            r = (residual.to(at) + r).to(residual.dtype)
+                wide = wide * _per_sample(_scripted_modulation("gate", gate, x), x).to(at)
+            wide = residual.to(at) + wide
+            # r rounded to the residual's dtype, as the ops store it, with its gradient passed straight to the
+            # wide sum (the norm's share and r's own added there, then rounded once, as the ops do)
+            r = wide + (wide.to(residual.dtype).to(at) - wide).detach()
         n = _scripted_dyt(r.to(ct), self.alpha, self.weight, self.bias, [self.hidden_size])
         h = (n * (1 + _per_sample(scale, x).to(ct)) + _per_sample(shift, x).to(ct)).to(x.dtype)
         if residual is None:
             return h
-        return h, r
+        return h, r.to(residual.dtype)

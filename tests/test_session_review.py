@@ -2,8 +2,6 @@
 TorchScript twins (__prepare_scriptable__), the converter's widened candidate test, load_pretrained_dyt's
 transformers renaming, diffusers' fused-class naming and plain-call rule, param_groups and
 dyt_parameter_names.
-
-Strict xfails are defects found here; each reason says what happens now and the fix.
 """
 from __future__ import annotations
 
@@ -139,13 +137,6 @@ def _penalty_dyt(x, a, w, b, op):
 
 @pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("mode", [FlopCounterMode, _PassThrough])
-@pytest.mark.xfail(strict=True, reason=(
-    "under any TorchDispatchMode (FlopCounterMode included) dyt takes the custom op dyt_fwd, whose autograd "
-    "formula (_dyt_backward) calls the dyt_bwd op, which has no autograd: create_graph=True raises 'Trying to "
-    "backward through dyt_kernels.dyt_bwd.default but no autograd formula was registered' (the plain eager "
-    "route takes reference.dyt_backward when grad mode is on). Fix: ops/library.py _dyt_backward and "
-    "_mod_backward: if torch.is_grad_enabled(), return reference.dyt_backward / "
-    "reference.dyt_modulate_grads (as autograd._formulas_only does)"))
 def test_gradient_penalty_under_a_dispatch_mode(mode):
     torch.manual_seed(0)
     x, a, w, b = _leaves(torch.randn(B, L, D), torch.tensor([0.6]), torch.randn(D), torch.randn(D))
@@ -162,10 +153,6 @@ def test_gradient_penalty_under_a_dispatch_mode(mode):
 
 
 @pytest.mark.usefixtures("on_device")
-@pytest.mark.xfail(strict=True, reason=(
-    "dyt_modulate under a TorchDispatchMode: _mod_backward calls dyt_modulate_bwd, which has no autograd, so "
-    "create_graph=True raises. Fix: ops/library.py _mod_backward: under torch.is_grad_enabled() take "
-    "reference.dyt_modulate_grads (then shift_grad / dres as now)"))
 def test_modulate_gradient_penalty_under_a_dispatch_mode():
     torch.manual_seed(0)
     ins = (torch.randn(B, L, D), torch.tensor([0.6]), torch.randn(B, D), torch.randn(B, L, D), torch.randn(B, L, D),
@@ -259,13 +246,6 @@ def test_scripted_twin_shares_the_parameters_and_trains_the_original():
     assert norm.weight.grad is not None and not torch.equal(norm.weight.detach(), before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the scripted ModulatedDyT twin takes grads of a bf16 residual stream through autograd of its casts: the norm's "
-    "gradient is rounded to bf16 at r's cast before dr is added, so dx / dresidual / dgate of an fp32 x carry "
-    "bf16 error (~2^-9 relative), where the torch backend passes that gradient on in fp32 (one rounding). Fix: "
-    "modules.py _ScriptedModulatedDyT.forward: round r straight-through, e.g. r_wide = residual.to(at) + gated; "
-    "r = r_wide + (r_wide.to(residual.dtype).to(at) - r_wide).detach(); the norm reads r.to(ct), and the "
-    "returned r is r.to(residual.dtype)"))
 def test_scripted_twin_gradients_on_a_bf16_residual_stream():
     torch.manual_seed(0)
     module = _randomized(ModulatedDyT(D, elementwise_affine=True))
@@ -280,10 +260,6 @@ def test_scripted_twin_gradients_on_a_bf16_residual_stream():
         torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=rel * max(1.0, w.double().abs().max().item()))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the scripted ModulatedDyT drops a gate given without a residual (returns h, as if no gate), where eager "
-    "refuses it (ValueError 'gate scales x before the residual add, so it needs residual'). Fix: modules.py "
-    "_ScriptedModulatedDyT.forward: raise ValueError when gate is not None and residual is None"))
 def test_scripted_modulated_twin_refuses_a_gate_without_residual():
     module = ModulatedDyT(D)
     args = (torch.randn(B, L, D), torch.randn(B, D), torch.randn(B, D), None, torch.randn(B, D))
@@ -294,11 +270,6 @@ def test_scripted_modulated_twin_refuses_a_gate_without_residual():
 
 
 @pytest.mark.parametrize("bad", ["residual (B, 1, D)", "shift (1, 1, D)", "gate (1, 1, D)"])
-@pytest.mark.xfail(strict=True, reason=(
-    "the scripted ModulatedDyT broadcasts a residual / shift / scale / gate of another shape (eager refuses it "
-    "by name): a (B, 1, D) residual comes back as an r of x's shape. Fix: modules.py "
-    "_ScriptedModulatedDyT.forward: check residual.shape == x.shape and each modulation is (B, D), (B, 1, D) "
-    "or (B, L, D) (as _checks.modulation_fits), raising ValueError naming it"))
 def test_scripted_modulated_twin_refuses_shapes_eager_refuses(bad):
     x, sh, sc, res, g = torch.randn(B, L, D), torch.randn(B, D), torch.randn(B, D), torch.randn(B, L, D), None
     if bad == "residual (B, 1, D)":
@@ -314,10 +285,6 @@ def test_scripted_modulated_twin_refuses_shapes_eager_refuses(bad):
         _scripted(module)(x, sh, sc, res, g)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the scripted twins take an integer x: computed in fp32 and cast back to int64 (tanh truncated to 0), where "
-    "eager raises TypeError 'x must be float32, bfloat16, float16 or float64'. Fix: modules.py _ScriptedDyT."
-    "forward and _ScriptedModulatedDyT.forward: raise when not x.is_floating_point()"))
 def test_scripted_twins_refuse_an_integer_x():
     x = torch.ones(B, L, D, dtype=torch.int64)
     for module, args in ((DyT(D), (x,)), (ModulatedDyT(D), (x, torch.zeros(B, D), torch.zeros(B, D)))):
@@ -331,14 +298,6 @@ def test_scripted_twins_refuse_an_integer_x():
 # 3. convert.py's widened candidate test, checkpoint.py's transformers renaming
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "since 000492c a *Norm-named module with children and any parameter of its own is probed: transformers' "
-    "RobertaPreLayerNormLMHead (a Linear-GELU-LayerNorm-Linear head with its own vocab bias, 'Norm' from the "
-    "model's name) is now reported: 'left 1 normalization layer(s) alone: lm_head: ... channel count could "
-    "not be found' on every conversion of RobertaPreLayerNormForMaskedLM/ForCausalLM (MoonshineStreamingLayerNorm,"
-    " ln(x) * (gamma + 1), is likewise warned about though its LayerNorm child is converted). Fix: convert.py "
-    "_plan: a *Norm with children is a candidate only when it holds a parameter named weight "
-    "(isinstance(m._parameters.get('weight'), nn.Parameter)), as timm's RmsNormAct does"))
 def test_a_head_named_after_its_model_is_not_warned_about():
     tf = pytest.importorskip("transformers")
     config = tf.RobertaPreLayerNormConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -127,8 +127,19 @@ def _dyt_setup(ctx, inputs, output):
     ctx.channels_last = channels_last
 
 
+def _differentiable(dy: Tensor) -> bool:
+    """Whether the backward must be differentiable: create_graph=True (a gradient penalty) called eagerly,
+    as under a TorchDispatchMode (functional.py routes through these ops there): grad mode on and a plain
+    gradient. The backward ops have no autograd; reference.py's formulas in torch ops do, as the eager
+    Functions take them (autograd._formulas_only). A traced backward (fake or functional tensors) keeps
+    the kernels."""
+    return torch.is_grad_enabled() and (type(dy) is Tensor or type(dy) is torch.nn.Parameter)
+
+
 def _dyt_backward(ctx, dy):
     x, alpha, weight, bias = ctx.saved_tensors
+    if _differentiable(dy):
+        return (*reference.dyt_backward(dy, x, alpha, weight, bias, ctx.channels_last), None)
     dx, da, dw, db = torch.ops.dyt_kernels.dyt_bwd(dy, x, alpha, weight, bias, ctx.channels_last)
     return dx, da, None if weight is None else dw, None if bias is None else db, None
 
@@ -240,10 +251,15 @@ def _mod_setup(ctx, inputs, output):
 
 def _mod_backward(ctx, dh, dr):
     x, r, alpha, shift, scale, weight, bias, gate = ctx.saved_tensors
-    dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
-        dh, dr if ctx.has_residual else None, x, r, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
-    if dres_is_dx(x, r, gate, ctx.has_residual):
-        dres = dx
+    if _differentiable(dh):   # as in _dyt_backward
+        dx, dres, dgate, dshift, dscale, dw, db, da = reference.dyt_modulate_grads(
+            dh, dr if ctx.has_residual else None, x, r if ctx.has_residual else x, alpha, shift, scale, weight, bias,
+            gate, ctx.has_residual)
+    else:
+        dx, dres, dgate, dshift, dscale, dw, db, da = torch.ops.dyt_kernels.dyt_modulate_bwd(
+            dh, dr if ctx.has_residual else None, x, r, alpha, shift, scale, weight, bias, gate, ctx.has_residual)
+        if dres_is_dx(x, r, gate, ctx.has_residual):
+            dres = dx
     opt = lambda g, p: None if p is None else g  # noqa: E731
     return (dx, da, shift_grad(dshift, dh, shift), dscale, opt(dw, weight), opt(db, bias),
             dres if ctx.has_residual else None, opt(dgate, gate))
