@@ -27,6 +27,22 @@ def on_device():
         yield
 
 
+@pytest.fixture
+def one_rank_group():
+    """An in-process gloo process group of one rank, for DTensor and the distributed wrappers on CPU."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import FP32_EPS, max_abs
+
 
 @dataclass
 class Case:
@@ -32,6 +34,23 @@ def main_output(out):
         if hasattr(out, name):
             return getattr(out, name)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def loss_and_grads(fn, inputs: dict, params_of: nn.Module):
+    """(output, {name: gradient}) of mean(output^2), the gradients of params_of's parameters."""
+    params_of.zero_grad(set_to_none=True)
+    out = main_output(fn(**inputs))
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in params_of.named_parameters() if p.grad is not None}
+
+
+def model_atol(ref64: torch.Tensor) -> float:
+    """The three-way rule's atol for a whole model's fp32 output or gradient against float64. The tested and
+    the naive fp32 runs do the same fp32 math but for the tanh form and the order of a few ops, so their
+    errors against float64 are alike and the 2x factor carries the check; atol only covers the naive run
+    being luckier at a few roundings: 64 fp32 eps of the largest value (8e-6 relative), far below what a
+    wrong layout, affine or alpha gives (1e-2 and up)."""
+    return 64 * FP32_EPS * max_abs(ref64)
 
 
 def cast_inputs(inputs: dict, dtype: torch.dtype) -> dict:

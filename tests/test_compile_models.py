@@ -22,7 +22,7 @@ from torch import nn
 from dyt_kernels import DyT, convert_layernorm_to_dyt, use_backend
 from dyt_kernels.backend import INTERPRETER
 from helpers import FP32_EPS, assert_close_3way, max_abs, max_abs_err
-from library_models import CASES, cast_inputs, hand_built_dyt, main_output, randomize_norms_
+from library_models import loss_and_grads, model_atol, CASES, cast_inputs, hand_built_dyt, main_output, randomize_norms_
 from test_dynamic_shapes import _force
 from tiny_models import randomize, tiny, timesteps
 
@@ -83,25 +83,11 @@ def _copy_alphas_(dst: nn.Module, src: nn.Module) -> None:
                 p.copy_(params[name])
 
 
-def _loss_and_grads(fn, inputs, params_of: nn.Module):
-    params_of.zero_grad(set_to_none=True)
-    out = main_output(fn(**inputs))
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.detach().clone() for n, p in params_of.named_parameters() if p.grad is not None}
-
-
-def _atol(ref64: torch.Tensor) -> float:
-    # test_convert's: the tested and the naive fp32 runs differ only in the tanh form and the order of a
-    # few ops, so their errors against float64 are alike; atol covers the naive run being luckier at a
-    # few roundings: 64 fp32 eps of the largest value (8e-6 relative), far below a wrong alpha (1e-2 and up).
-    return 64 * FP32_EPS * max_abs(ref64)
-
-
 def _check_3way(label, got, ref, naive):
     out, grads = got
     ref_out, ref_grads = ref
     naive_out, naive_grads = naive
-    assert_close_3way(f"{label} output", out, ref_out, naive_out, _atol(ref_out))
+    assert_close_3way(f"{label} output", out, ref_out, naive_out, model_atol(ref_out))
     # A compiled graph is one autograd node: parameters only an unused output reads (BERT's pooler) get
     # zeros where eager leaves None, as with the LayerNorm model. Zeros, and nothing else missing.
     extra = set(grads) - set(ref_grads)
@@ -126,8 +112,8 @@ def _oracles(case, classes, original, converted, inputs):
     hand, hand64 = hand_built_dyt(original, classes), hand_built_dyt(original, classes).double()
     _copy_alphas_(hand, converted)
     _copy_alphas_(hand64, converted)
-    return (_loss_and_grads(hand64, cast_inputs(inputs, torch.float64), hand64),
-            _loss_and_grads(hand, inputs, hand))
+    return (loss_and_grads(hand64, cast_inputs(inputs, torch.float64), hand64),
+            loss_and_grads(hand, inputs, hand))
 
 
 _LAYERNORM_FULLGRAPH: set = set()
@@ -169,11 +155,11 @@ def test_converted_model_compiles_fullgraph_and_matches_float64(name, fuse, rout
     compiled_model = copy.deepcopy(converted)
     compiled = torch.compile(compiled_model, backend=count, fullgraph=True)
     with use_backend(backend):
-        got = _loss_and_grads(compiled, inputs, compiled_model)
+        got = loss_and_grads(compiled, inputs, compiled_model)
     assert count.graphs == 1
     _check_3way(f"{name} compiled ({route})", got, ref, naive)
     with use_backend(_eager_backend(backend)):
-        eager = _loss_and_grads(converted, inputs, converted)
+        eager = loss_and_grads(converted, inputs, converted)
     _check_3way(f"{name} eager ({route})", eager, ref, naive)
 
 
@@ -400,6 +386,6 @@ def test_converted_model_under_inductor_matches_float64(name, fuse, route, monke
     torch._dynamo.reset()
     count = _Counting(then="inductor")
     with use_backend(backend):
-        got = _loss_and_grads(torch.compile(converted, backend=count, fullgraph=True), inputs, converted)
+        got = loss_and_grads(torch.compile(converted, backend=count, fullgraph=True), inputs, converted)
     assert count.graphs == 1
     _check_3way(f"{name} inductor ({route})", got, ref, naive)

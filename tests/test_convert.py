@@ -20,7 +20,7 @@ from dyt_kernels import (DyT, DyTCheckpointWarning, conversion_report, convert_l
                          load_dyt_state_dict, load_pretrained_dyt, use_backend)
 from dyt_kernels.backend import INTERPRETER
 from helpers import FP32_EPS, assert_close_3way, max_abs, max_abs_err
-from library_models import (CASES, cast_inputs, dyt_formula, hand_built_dyt, main_output, randomize_,
+from library_models import (CASES, loss_and_grads, model_atol, cast_inputs, dyt_formula, hand_built_dyt, main_output, randomize_,
                             randomize_norms_)
 
 # --------------------------------------------------------------------------------------------------
@@ -275,27 +275,12 @@ def _convert(case, model, **kwargs):
         return convert_layernorm_to_dyt(model, include_rmsnorm=case.include_rmsnorm, **kwargs)
 
 
-def _loss_and_grads(fn, inputs, params_of: nn.Module):
-    params_of.zero_grad(set_to_none=True)
-    out = main_output(fn(**inputs))
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.detach().clone() for n, p in params_of.named_parameters() if p.grad is not None}
-
-
-def _atol(ref64: torch.Tensor) -> float:
-    # The tested and the naive fp32 runs do the same fp32 math but for the tanh form and the order of a
-    # few ops, so their errors against float64 are alike and the 2x factor carries the check; atol only
-    # covers the naive run being luckier at a few roundings: 64 fp32 eps of the largest value (8e-6
-    # relative), far below what a wrong layout, affine or alpha gives (1e-2 and up).
-    return 64 * FP32_EPS * max_abs(ref64)
-
-
 def _check_against_oracle(label, case, classes, model, hand, hand64, inputs, backend="torch"):
     with use_backend(backend):
-        out, grads = _loss_and_grads(model, inputs, model)
-    naive, naive_grads = _loss_and_grads(hand, inputs, hand)
-    ref, ref_grads = _loss_and_grads(hand64, cast_inputs(inputs, torch.float64), hand64)
-    assert_close_3way(f"{label} output", out, ref, naive, _atol(ref))
+        out, grads = loss_and_grads(model, inputs, model)
+    naive, naive_grads = loss_and_grads(hand, inputs, hand)
+    ref, ref_grads = loss_and_grads(hand64, cast_inputs(inputs, torch.float64), hand64)
+    assert_close_3way(f"{label} output", out, ref, naive, model_atol(ref))
     assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
     for n, g in grads.items():
         ref_g, naive_err = ref_grads[n], max_abs_err(naive_grads[n], ref_grads[n])
@@ -303,7 +288,7 @@ def _check_against_oracle(label, case, classes, model, hand, hand64, inputs, bac
         # key) comes out of any fp32 run as pure rounding noise, whose size depends on the order of the
         # sums; there the tested run is held to 8x the naive run's noise instead of 2x.
         factor = 8.0 if max_abs(ref_g) <= 100 * naive_err else 2.0
-        assert_close_3way(f"{label} d {n}", g, ref_g, naive_grads[n], _atol(ref_g), factor=factor)
+        assert_close_3way(f"{label} d {n}", g, ref_g, naive_grads[n], model_atol(ref_g), factor=factor)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -335,7 +320,7 @@ def test_library_model_matches_float64_dyt(name):
     with use_backend("torch"):
         out = main_output(model(**inputs)).detach()
     naive, ref = main_output(hand(**inputs)).detach(), main_output(hand64(**cast_inputs(inputs, torch.float64)))
-    assert_close_3way(f"{name} output after a step", out, ref, naive, _atol(ref))
+    assert_close_3way(f"{name} output after a step", out, ref, naive, model_atol(ref))
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="runs the kernels on CPU tensors through the Triton interpreter "
@@ -377,9 +362,9 @@ def test_fuse_modulation_equals_unfused(name, monkeypatch):
     real = diffusers_integration.dyt_modulate
     monkeypatch.setattr(diffusers_integration, "dyt_modulate", lambda *a, **k: calls.append(1) or real(*a, **k))
     with use_backend("torch"):
-        out, grads = _loss_and_grads(model, inputs, model)
+        out, grads = loss_and_grads(model, inputs, model)
         assert not calls
-        out_f, grads_f = _loss_and_grads(fused, inputs, fused)
+        out_f, grads_f = loss_and_grads(fused, inputs, fused)
     assert len(calls) == FUSED_CALLS[name], "the fused forwards did not run"
     # Same fp32 expressions in the same order: the outputs agree to the bit. The backward sums dscale,
     # dshift and dalpha in another order than autograd does: a few fp32 eps of the largest term.
@@ -430,8 +415,8 @@ def test_compiled_converted_model_matches_eager(name, compiler):
     _randomize_alphas_(model)
     torch._dynamo.reset()
     with use_backend("torch"):
-        want, want_grads = _loss_and_grads(model, inputs, model)
-        out, grads = _loss_and_grads(torch.compile(model, backend=compiler), inputs, model)
+        want, want_grads = loss_and_grads(model, inputs, model)
+        out, grads = loss_and_grads(torch.compile(model, backend=compiler), inputs, model)
     # Inductor reorders and fuses fp32 ops: agreement to a few fp32 eps relative, as for any compiled model.
     # Gradients are held to the largest gradient's scale: some are rounding noise around an exact zero
     # (an attention key bias), whose own scale means nothing.

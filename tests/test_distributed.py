@@ -37,19 +37,6 @@ def _spawn(which: str, tmp_path, world: int = 2) -> None:
         pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
 
 
-@pytest.fixture
-def one_rank_group():
-    """An in-process gloo group of one rank (as tests/test_subclasses.py's)."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _mesh():
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh("cpu", (1,))

@@ -23,15 +23,11 @@ import dyt_kernels.integrations.diffusers as dd
 from dyt_kernels import DyT, convert_layernorm_to_dyt, load_pretrained_dyt, use_backend
 from dyt_kernels.backend import INTERPRETER
 from helpers import FP32_EPS, assert_close_3way, max_abs
-from library_models import CASES, hand_built_dyt, main_output, randomize_norms_
+from library_models import model_atol, CASES, hand_built_dyt, main_output, randomize_norms_
 
 diffusers = pytest.importorskip("diffusers")
 
 ALPHA = 0.7   # not DyT's default 0.5, so an alpha that is not loaded shows
-
-
-def _atol(ref64):
-    return 64 * FP32_EPS * max_abs(ref64)
 
 
 @pytest.fixture
@@ -142,7 +138,7 @@ def test_pipeline_with_guidance_fused_equals_unfused_and_float64(name, output_ty
     if output_type == "pt":
         assert out_fused.shape[1] == 3 and out_fused.min() >= 0 and out_fused.max() <= 1
     torch.testing.assert_close(out_fused, out_unfused, rtol=0, atol=0)
-    assert_close_3way(f"{name} pipeline", out_fused, ref, naive, _atol(ref))
+    assert_close_3way(f"{name} pipeline", out_fused, ref, naive, model_atol(ref))
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels on CPU tensors need the interpreter")
@@ -155,7 +151,7 @@ def test_dit_pipeline_on_the_triton_backend_matches_float64(fused_calls):
     assert len(fused_calls) > 0
     with torch.no_grad():
         naive, ref = _run_pipeline("dit", hand, "pt"), _run_pipeline("dit", hand64, "pt")
-    assert_close_3way("dit pipeline, triton", out, ref, naive, _atol(ref))
+    assert_close_3way("dit pipeline, triton", out, ref, naive, model_atol(ref))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +252,7 @@ def test_converting_an_accelerate_offloaded_model_is_refused_or_right(name, how,
     except ValueError as err:   # refused by name: fine
         assert "offload" in str(err) or "dispatch" in str(err), err
         return
-    torch.testing.assert_close(_forward(model, inputs), want, rtol=0, atol=_atol(want))
+    torch.testing.assert_close(_forward(model, inputs), want, rtol=0, atol=model_atol(want))
 
 
 @pytest.mark.parametrize("name", ["pixart", "dit"])
@@ -500,7 +496,7 @@ def test_peft_lora_train_step_and_merge(name, save, fused_calls):
     torch.testing.assert_close(b1, b0, rtol=0, atol=0)
     torch.testing.assert_close(m1, m0, rtol=0, atol=0)
     # Merging folds B @ A into the weights: fp32 rounding of one matmul per layer.
-    torch.testing.assert_close(m1, b1, rtol=0, atol=_atol(b1) + 1e-6)
+    torch.testing.assert_close(m1, b1, rtol=0, atol=model_atol(b1) + 1e-6)
     assert type(merged1.transformer_blocks[0]) is dd.FusedBasicTransformerBlock
     assert type(merged0.transformer_blocks[0]).__name__ == "BasicTransformerBlock"
 

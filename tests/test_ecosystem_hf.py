@@ -25,19 +25,14 @@ from torch import nn
 
 from dyt_kernels import DyT, conversion_report, convert_layernorm_to_dyt, dyt_parameter_names, load_pretrained_dyt, use_backend
 from dyt_kernels.backend import INTERPRETER
-from helpers import FP32_EPS, assert_close_3way, max_abs
-from library_models import cast_inputs, dyt_formula, hand_built_dyt, main_output, randomize_norms_
+from helpers import assert_close_3way
+from library_models import model_atol, cast_inputs, dyt_formula, hand_built_dyt, main_output, randomize_norms_
 
 timm = pytest.importorskip("timm")
 tf = pytest.importorskip("transformers")
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRETER, reason="the Triton backend on CPU tensors needs the interpreter"))]
-
-
-def _atol(ref64: torch.Tensor) -> float:
-    # see the module docstring: 64 fp32 eps of the largest value
-    return 64 * FP32_EPS * max_abs(ref64)
 
 
 def _convert_recording(model, **kwargs):
@@ -115,7 +110,7 @@ def _check_single_norm(label, norm, dim, backend):
     naive = dyt_formula(x, alpha, weight, bias, dim)
     with use_backend(backend):
         out = model(x)
-    assert_close_3way(label, out, ref, naive, _atol(ref))
+    assert_close_3way(label, out, ref, naive, model_atol(ref))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,7 +170,7 @@ def _three_way_all(label, outs, naives, refs):
     outs, naives, refs = [list(t) if isinstance(t, (list, tuple)) else [t] for t in (outs, naives, refs)]
     assert len(outs) == len(refs) == len(naives) > 0, label
     for i, (o, n, r) in enumerate(zip(outs, naives, refs)):
-        assert_close_3way(f"{label}[{i}]", o, r, n, _atol(r))
+        assert_close_3way(f"{label}[{i}]", o, r, n, model_atol(r))
 
 
 @pytest.mark.parametrize("name", ["vit", "convnext", "swin"])
@@ -209,11 +204,11 @@ def test_timm_convnext_in_channels_last_memory_format(backend):
     naive.square().mean().backward()
     ref = hand64(x.double())
     ref.square().mean().backward()
-    assert_close_3way("convnext NHWC output", out, ref, naive, _atol(ref))
+    assert_close_3way("convnext NHWC output", out, ref, naive, model_atol(ref))
     hand_p, ref_p = dict(hand.named_parameters()), dict(hand64.named_parameters())
     for n, p in model.named_parameters():
         if n.endswith(("alpha", "norm.weight", "norm.bias")):
-            assert_close_3way(f"d {n}", p.grad, ref_p[n].grad, hand_p[n].grad, _atol(ref_p[n].grad))
+            assert_close_3way(f"d {n}", p.grad, ref_p[n].grad, hand_p[n].grad, model_atol(ref_p[n].grad))
 
 
 def test_timm_model_ema_v3_of_a_converted_model():
@@ -457,7 +452,7 @@ def test_transformers_architecture_norms_convert_right_or_are_named(name):
     x = inputs()
     out, naive = main_output(_quiet_hf(model, **x)), main_output(hand(**x))
     ref = main_output(hand64(**cast_inputs(x, torch.float64)))
-    assert_close_3way(f"{name} output", out, ref, naive, _atol(ref))
+    assert_close_3way(f"{name} output", out, ref, naive, model_atol(ref))
 
 
 def _vit_model():

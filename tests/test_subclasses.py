@@ -101,21 +101,6 @@ def test_wrapper_subclass(backend, device):
         torch.testing.assert_close(getattr(h, part).double(), h64, **TOL)
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtensor_sequence_parallel(backend, one_rank_group):
     """A DTensor sharded over tokens with replicated parameters (sequence parallelism), on a one-rank
