@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite
+from ._checks import check_finite, modulation_fits
 from .functional import dyt, dyt_modulate
 
 
@@ -283,14 +283,16 @@ class _ScriptedDyT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
-            raise TypeError("x must be float32, bfloat16, float16 or float64")
+            raise TypeError("x must be float32, bfloat16, float16 or float64 (a floating-point tensor)")
         k = len(self.normalized_shape)
         if self.channels_last:
             if x.dim() < k or list(x.shape[x.dim() - k:]) != self.normalized_shape:
-                raise ValueError("x must end in DyT's normalized_shape")
+                raise ValueError("x must end in normalized_shape={}, got shape {}".format(self.normalized_shape,
+                                                                                      x.shape))
             return _scripted_dyt(x, self.alpha, self.weight, self.bias, self.normalized_shape)
         if x.dim() < 2 or x.shape[1] != self.normalized_shape[0]:
-            raise ValueError("x must be (N, C, ...) with C = DyT's normalized_shape for channels_last=False")
+            raise ValueError("x must be (N, C={}, ...) for channels_last=False, got shape {}".format(
+                self.normalized_shape[0], x.shape))
         shape = [self.normalized_shape[0]]
         for _ in range(x.dim() - 2):
             shape.append(1)
@@ -302,13 +304,12 @@ def _per_sample(m: Tensor, x: Tensor) -> Tensor:
 
 
 def _scripted_modulation(name: str, m: Tensor, x: Tensor) -> Tensor:
-    """m, refused unless (B, D), (B, 1, D) or (B, L, D) for a (B, L, D) x (as _checks.modulation_fits)."""
+    """m, refused unless (B, D), (B, 1, D) or (B, L, D) for a (B, L, D) x, as check_modulation refuses it."""
     B, L, D = x.shape[0], x.shape[1], x.shape[2]
-    if m.dim() == 2 and m.shape[0] == B and m.shape[1] == D:
-        return m
-    if m.dim() == 3 and m.shape[0] == B and m.shape[2] == D and (m.shape[1] == 1 or m.shape[1] == L):
-        return m
-    raise ValueError(name + " must be (B, D), (B, 1, D) or (B, L, D) for x of shape (B, L, D)")
+    if not modulation_fits(m, B, L, D):
+        raise ValueError("{} must be (B, D), (B, 1, D) or (B, L, D) with B={}, L={}, D={}, got shape {}".format(
+            name, B, L, D, m.shape))
+    return m
 
 
 class _ScriptedModulatedDyT(nn.Module):
@@ -320,9 +321,10 @@ class _ScriptedModulatedDyT(nn.Module):
     def forward(self, x: Tensor, shift: Tensor, scale: Tensor, residual: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None) -> Any:   # h, or (h, r) with a residual
         if not x.is_floating_point():
-            raise TypeError("x must be float32, bfloat16, float16 or float64")
+            raise TypeError("x must be float32, bfloat16, float16 or float64 (a floating-point tensor)")
         if x.dim() != 3 or x.shape[2] != self.hidden_size:
-            raise ValueError("x must be (B, L, D) with D = ModulatedDyT's hidden_size")
+            raise ValueError("x must be (B, L, D) with D=hidden_size={}, got shape {}".format(self.hidden_size,
+                                                                                            x.shape))
         shift, scale = _scripted_modulation("shift", shift, x), _scripted_modulation("scale", scale, x)
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         r = x
@@ -331,7 +333,7 @@ class _ScriptedModulatedDyT(nn.Module):
                 raise ValueError("gate scales x before the residual add, so it needs residual; got residual=None")
         else:
             if residual.shape != x.shape:
-                raise ValueError("residual must have x's shape (B, L, D)")
+                raise ValueError("residual must match x: shape {}, got {}".format(x.shape, residual.shape))
             # (the add in float64 for a float64 residual stream, as eager `residual + gate * x` keeps it)
             at = torch.float64 if residual.dtype == torch.float64 else ct
             wide = x.to(at)
