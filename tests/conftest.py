@@ -43,6 +43,24 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def serial_interpreter(monkeypatch):
+    """Triton's interpreter patches triton.language globally while it runs a kernel, so two threads
+    interpreting at once break each other ('Did you forget to add @triton.jit ?'); on the CPU the
+    kernels run one at a time, while everything around them (checks, signatures, slots, Functions)
+    interleaves. On a GPU the launches themselves race."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        import threading
+
+        from triton.runtime import interpreter
+        lock, run = threading.Lock(), interpreter.GridExecutor.__call__
+
+        def serial(self, *args, **kwargs):
+            with lock:
+                return run(self, *args, **kwargs)
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", serial)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -179,3 +179,21 @@ def signature_guards(name: str) -> Iterator[None]:
         _signatures.GUARDS = saved
         functional._VALIDATED.clear()
         functional._VALIDATED_MOD.clear()
+
+
+def run_in_threads(work, args_list) -> None:
+    """work(*args) in one thread per args, started together, with a thread switch every few bytecodes
+    (sys.setswitchinterval) so that their Python interleaves as much as it can; joins them all."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=args) for args in args_list]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)

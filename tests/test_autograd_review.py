@@ -10,6 +10,7 @@ import torch
 
 from dyt_kernels import DyT, dyt, dyt_modulate, use_backend
 from float64_checks import dyt_formula, modulate_formula
+from helpers import run_in_threads
 
 pytestmark = pytest.mark.usefixtures("on_device")
 
@@ -125,34 +126,13 @@ def test_a_hook_on_r_sees_the_gradient_of_its_later_uses(backend):
     _assert_grads([t.grad for t in p], [t.grad for t in q])
 
 
-@pytest.fixture
-def serial_interpreter(monkeypatch):
-    """Triton's interpreter patches triton.language globally while it runs a kernel, so two threads
-    interpreting at once break each other ('Did you forget to add @triton.jit ?'); on the CPU the
-    kernels run one at a time, while everything around them (checks, signatures, slots, Functions)
-    interleaves. On a GPU the launches themselves race."""
-    from dyt_kernels.backend import INTERPRETER
-    if INTERPRETER:
-        import threading
-
-        from triton.runtime import interpreter
-        lock, run = threading.Lock(), interpreter.GridExecutor.__call__
-
-        def serial(self, *args, **kwargs):
-            with lock:
-                return run(self, *args, **kwargs)
-        monkeypatch.setattr(interpreter.GridExecutor, "__call__", serial)
-
-
 def test_threads_share_signatures_and_slots(serial_interpreter):
     """Threads calling dyt and dyt_modulate at once, forward and backward, on one signature (the first
     calls racing to create and fill its slot: the signatures start empty), a shape of their own, and
     the torch backend beside the Triton one; every result against float64."""
-    import sys
     import threading
 
     from dyt_kernels import functional
-    interval = sys.getswitchinterval()
     functional._VALIDATED.clear()
     functional._VALIDATED_MOD.clear()
     plans = [("triton", B), ("triton", B), ("triton", B + 1), ("torch", B)]
@@ -185,15 +165,7 @@ def test_threads_share_signatures_and_slots(serial_interpreter):
         except Exception as e:  # noqa: BLE001 - reported by the main thread
             failures.append(f"{backend}, batch {batch}: {type(e).__name__}: {e}")
 
-    sys.setswitchinterval(1e-6)   # a thread switch every few bytecodes
-    try:
-        threads = [threading.Thread(target=work, args=(*plan, i)) for i, plan in enumerate(plans)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_in_threads(work, [(*plan, i) for i, plan in enumerate(plans)])
     assert not failures, failures
 
 

@@ -9,7 +9,6 @@ torch (~3 s each on two cores), so the checks of an area share one spawn.
 """
 from __future__ import annotations
 
-import sys
 import threading
 
 import pytest
@@ -19,6 +18,7 @@ from torch import nn
 import distributed_workers as W
 from dyt_kernels import DyT, ModulatedDyT, convert_layernorm_to_dyt, dyt, dyt_modulate, use_backend
 from float64_checks import dyt_formula, modulate_formula
+from helpers import run_in_threads
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -85,19 +85,11 @@ def test_ddp_one_rank(backend, ddp_kwargs, one_rank_group):
     W._ddp_case(0, 1, backend, steps=(0, 1), **ddp_kwargs)
 
 
-def test_threads_share_modules(monkeypatch):
+def test_threads_share_modules(serial_interpreter):
     """One DyT and one ModulatedDyT called from six threads at once (an inference server), each with its
     own backend entered in the thread, shapes that change every call, and grad on or off: the signature
     cache and use_backend's ContextVar must not mix calls up. Every output (and dx) against float64."""
-    from dyt_kernels.backend import INTERPRETER, get_backend
-    if INTERPRETER:   # the interpreter patches triton.language while it runs: one kernel at a time
-        from triton.runtime import interpreter
-        lock, run = threading.Lock(), interpreter.GridExecutor.__call__
-
-        def serial(self, *args, **kwargs):
-            with lock:
-                return run(self, *args, **kwargs)
-        monkeypatch.setattr(interpreter.GridExecutor, "__call__", serial)
+    from dyt_kernels.backend import get_backend
     D = 8
     norm, mod = DyT(D, alpha_per_channel=True), ModulatedDyT(D, elementwise_affine=True)
     with torch.no_grad():
@@ -127,16 +119,7 @@ def test_threads_share_modules(monkeypatch):
         except Exception as e:  # noqa: BLE001 - reported by the main thread
             failures.append(f"thread {i} ({backend}): {type(e).__name__}: {e}")
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)   # a thread switch every few bytecodes
-    try:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_in_threads(work, [(i,) for i in range(6)])
     assert not failures, failures
 
 
