@@ -6,11 +6,12 @@ hidden size once surfaced as "not all arguments converted during string formatti
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from dyt_kernels._checks import check_finite
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -24,21 +25,6 @@ def check_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def check_finite(name: str, value: object) -> float:
-    """A finite real number (int, float or a numpy scalar; not a bool or a string), as a float.
-
-    >>> check_finite("qk_alpha_init", 4)
-    4.0
-    """
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, (bool, str, bytes)) or not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 def check_positive(name: str, value: object) -> float:
