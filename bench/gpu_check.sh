@@ -10,18 +10,25 @@
 #      tests       then the rest of python -m pytest tests, on CUDA (TRITON_INTERPRET unset: compiled
 #                  kernels), the kernels' numeric files first. Both stop with SIGINT, so pytest still
 #                  reports what failed before the deadline (CI runs the whole suite on CPU)
-#   2. inspect     python -m dyt_kernels.inspect --json: the static report (registers, round trips,
-#                  the model's estimates) as this machine's Triton compiles the kernels
-#   3. host        python -m bench host: host time per call with real launches
-#   4. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
+#   2. host        python -m bench host: host time per call with real launches
+#   3. models      python -m bench models --models pixart --step-kinds train: eager, eager-graphs (the
+#                  eager step captured whole in one CUDA graph), compiled (inductor fuses DyT's forward,
+#                  our backward kernel), compiled-kernel (our kernels both ways), reduce-overhead
+#                  (compiled + CUDA graphs); LayerNorm beside each. PixArt-α only: the compiled rows
+#                  need most of the budget for their builds (FLUX: a later run, `--models flux`)
+#   4. tests       (above) the rest of the suite
+#   5. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
 #                  (bf16 first; torch.compile's builds of the compiled baselines take much of it); our
 #                  rows carry the static model's prediction (bench/predictions.json) beside the measurement
-#   5. liger       the same for LigerDyT alone, merged into the table: its autotuner compiles and
+#   6. liger       the same for LigerDyT alone, merged into the table: its autotuner compiles and
 #                  times 18 configs per hidden size, dtype and pass, so it gets its own budget
-#   6. models      python -m bench models --step-kinds train: eager, eager-graphs (the eager step
-#                  captured whole in one CUDA graph), compiled (inductor fuses DyT's forward, our
-#                  backward kernel), compiled-kernel (our kernels both ways), reduce-overhead
-#                  (compiled + CUDA graphs); LayerNorm beside each
+#   7. inspect     python -m dyt_kernels.inspect --json: the static report (registers, round trips,
+#                  the model's estimates) as this machine's Triton compiles the kernels (CI has the
+#                  same report from the CPU: last, as what it adds is the machine's Triton version)
+#
+# The order is what the open work needs first: the GPU tests, then the host time and the training
+# step under CUDA graphs and torch.compile, then the numerics suite, then the kernel benchmarks.
+# The budgets (with ~15 s of preflight) add up to the deadline, so no stage starts starved.
 #
 # A stage that fails or times out is recorded and the next one runs. The benchmarks get a budget a
 # little under their timeout so they stop cleanly; a SIGTERM from `timeout` still makes them write
@@ -31,22 +38,24 @@
 # Without CUDA (a dry run on a developer machine) the tests stage is skipped (CI runs the suite on
 # CPU) and the benchmarks run with --smoke on CPU, so the whole script can be checked anywhere.
 #
-# Knobs (environment): PYTHON, DEADLINE_S (390), GPU_TESTS_S (60), TESTS_S (50), INSPECT_S (40), HOST_S (20),
-# KERNELS_S (110), LIGER_S (45), MODELS_S (90), BENCH_GIT_COMMIT (recorded in the results when the
-# copied tree has no .git).
+# Knobs (environment): PYTHON, DEADLINE_S (450), GPU_TESTS_S (60), HOST_S (40), MODELS_S (130),
+# TESTS_S (50), KERNELS_S (90), LIGER_S (20), INSPECT_S (35), BENCH_GIT_COMMIT (recorded in the
+# results when the copied tree has no .git). Give the device call a timeout of DEADLINE_S + 60.
 # Idempotent: rerunning overwrites the log and replaces the results' sections for the same day.
 set -u
 cd "$(dirname "$0")/.."
 
 START=$SECONDS
-DEADLINE_S=${DEADLINE_S:-390}   # 7 minutes is 420 s: room for `timeout -k 15` and copying back
+# 15 minutes of device time in all: a start (1-2 min), this run, and ~4 minutes left for a rerun of
+# what failed on the warm machine
+DEADLINE_S=${DEADLINE_S:-450}
 GPU_TESTS_S=${GPU_TESTS_S:-60}
+HOST_S=${HOST_S:-40}
+MODELS_S=${MODELS_S:-130}
 TESTS_S=${TESTS_S:-50}
-INSPECT_S=${INSPECT_S:-40}
-HOST_S=${HOST_S:-20}
-KERNELS_S=${KERNELS_S:-110}
-LIGER_S=${LIGER_S:-45}
-MODELS_S=${MODELS_S:-90}
+KERNELS_S=${KERNELS_S:-90}
+LIGER_S=${LIGER_S:-20}
+INSPECT_S=${INSPECT_S:-35}
 DEST=${OUT:-bench/results}
 mkdir -p "$DEST"
 LOG="$DEST/gpu_check.log"
@@ -142,17 +151,32 @@ else
 fi
 record preflight ok $((SECONDS - t0))
 
-# ----- 1. tests -------------------------------------------------------------------------------------
-GPU_TESTS=(tests/test_direct.py tests/test_cuda_graphs.py tests/test_devices.py tests/test_tanh.py
-           tests/test_dyt.py::test_int64_offsets_past_2_31_elements
-           tests/test_modulate.py::test_torch_compile_fullgraph_triton_cuda
-           tests/test_dynamic_shapes.py::test_compiled_routes_on_cuda_over_changing_sizes)
+# ----- 1. GPU tests ---------------------------------------------------------------------------------
+# The compiled routes first: inductor compiling and launching our kernels (wrap_triton in the custom
+# ops) runs on no CPU, and a stage cut short by its timeout must not be what skips it.
+GPU_COMPILED=(tests/test_modulate.py::test_torch_compile_fullgraph_triton_cuda
+              tests/test_dynamic_shapes.py::test_compiled_routes_on_cuda_over_changing_sizes
+              tests/test_dyt.py::test_int64_offsets_past_2_31_elements)
+GPU_FILES=(tests/test_direct.py tests/test_cuda_graphs.py tests/test_devices.py tests/test_tanh.py)
 if [ "$CUDA" -eq 1 ]; then
   # SIGINT: pytest stops as on Ctrl-C and still prints what failed (-rfE) before the deadline
   # (test_direct's stub-driver checks compile for sm_90 on the CPU and run in CI: not here)
-  STAGE_SIGNAL=INT stage gpu-tests "$GPU_TESTS_S" "$PY" -m pytest -q -rfE "${GPU_TESTS[@]}" \
+  STAGE_SIGNAL=INT stage gpu-tests "$GPU_TESTS_S" "$PY" -m pytest -q -rfE "${GPU_COMPILED[@]}" "${GPU_FILES[@]}" \
     --deselect tests/test_direct.py::test_the_c_launch_gets_what_tritons_launcher_would_pass \
     --deselect tests/test_direct.py::test_direct_launches_run_the_kernel_specialized_for_their_integers
+else
+  log "== gpu-tests: skipped, no CUDA (CI runs the suite on CPU)"
+  record gpu-tests "skipped (no CUDA)" 0
+fi
+
+# ----- 2. host, 3. models -----------------------------------------------------------------------------
+stage host "$HOST_S" "$PY" -m bench host --out "$DEST" --rounds 10
+plan "$MODELS_S"
+stage models "$MODELS_S" "$PY" -m bench models --models pixart --step-kinds train --out "$DEST" \
+  --budget-s "$(budget_for 25)" ${SMOKE[@]+"${SMOKE[@]}"}
+
+# ----- 4. the rest of the suite -----------------------------------------------------------------------
+if [ "$CUDA" -eq 1 ]; then
   # The kernels' numerics on the hardware first (its tanh forms are not the interpreter's), then every
   # other file alphabetically: the stage rarely finishes, so what it reaches should be what matters most.
   FIRST=(test_dyt test_modulate test_extremes test_layouts test_neg_views test_autograd test_signature_cache
@@ -160,35 +184,28 @@ if [ "$CUDA" -eq 1 ]; then
   ORDERED=()
   for f in "${FIRST[@]}"; do [ -f "tests/$f.py" ] && ORDERED+=("tests/$f.py"); done
   for f in tests/test_*.py; do
-    case " ${ORDERED[*]} tests/test_direct.py tests/test_cuda_graphs.py tests/test_devices.py tests/test_tanh.py " in
+    case " ${ORDERED[*]} ${GPU_FILES[*]} " in
       *" $f "*) ;;
       *) ORDERED+=("$f") ;;
     esac
   done
-  STAGE_SIGNAL=INT stage tests "$TESTS_S" "$PY" -m pytest -q -rfE "${ORDERED[@]}" \
-    --deselect "${GPU_TESTS[4]}" --deselect "${GPU_TESTS[5]}" --deselect "${GPU_TESTS[6]}"
+  DESELECT=()
+  for t in "${GPU_COMPILED[@]}"; do DESELECT+=(--deselect "$t"); done
+  STAGE_SIGNAL=INT stage tests "$TESTS_S" "$PY" -m pytest -q -rfE "${ORDERED[@]}" "${DESELECT[@]}"
 else
-  log "== gpu-tests, tests: skipped, no CUDA (CI runs the suite on CPU)"
-  record gpu-tests "skipped (no CUDA)" 0; record tests "skipped (no CUDA)" 0
+  log "== tests: skipped, no CUDA (CI runs the suite on CPU)"
+  record tests "skipped (no CUDA)" 0
 fi
 
-# ----- 2. inspect, 3. host --------------------------------------------------------------------------
-GPU_MODEL=$("$PY" -c "import torch; print('H200' if torch.cuda.is_available() and 'H200' in torch.cuda.get_device_name(0) else 'H100')" 2>/dev/null || echo H100)
-stage inspect "$INSPECT_S" "$PY" -m dyt_kernels.inspect --gpu "$GPU_MODEL" --json "$DEST/inspect.json"
-stage host "$HOST_S" "$PY" -m bench host --out "$DEST" --rounds 10
-
-# ----- 4. kernel benchmarks, 5. Liger ---------------------------------------------------------------
+# ----- 5. kernel benchmarks, 6. Liger, 7. inspect -----------------------------------------------------
 plan "$KERNELS_S"
 stage kernels "$KERNELS_S" "$PY" -m bench kernels --shapes all --dtypes bf16,fp32 --out "$DEST" \
   --skip-providers liger_dyt --budget-s "$(budget_for 30)" ${SMOKE[@]+"${SMOKE[@]}"}
 plan "$LIGER_S"
 stage liger "$LIGER_S" "$PY" -m bench kernels --shapes all --dtypes bf16,fp32 --out "$DEST" \
-  --providers liger_dyt --merge --budget-s "$(budget_for 20)" ${SMOKE[@]+"${SMOKE[@]}"}
-
-# ----- 6. model benchmarks ---------------------------------------------------------------------------
-plan "$MODELS_S"
-stage models "$MODELS_S" "$PY" -m bench models --step-kinds train --out "$DEST" --budget-s "$(budget_for 25)" \
-  ${SMOKE[@]+"${SMOKE[@]}"}
+  --providers liger_dyt --merge --budget-s "$(budget_for 10)" ${SMOKE[@]+"${SMOKE[@]}"}
+GPU_MODEL=$("$PY" -c "import torch; print('H200' if torch.cuda.is_available() and 'H200' in torch.cuda.get_device_name(0) else 'H100')" 2>/dev/null || echo H100)
+stage inspect "$INSPECT_S" "$PY" -m dyt_kernels.inspect --gpu "$GPU_MODEL" --json "$DEST/inspect.json"
 
 log "done in $((SECONDS - START))s; files in $DEST:"
 ls -la "$DEST" | tee -a "$LOG"

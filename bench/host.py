@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import report
+from .runctl import Stop, stop_on_sigterm
 
 OPS = ("dyt", "dyt channels-first", "dyt head view", "dyt_modulate", "DyT module")
 # Each op's baseline: its "vs eager" column divides by this provider's time in the same mode.
@@ -168,7 +169,9 @@ def _jit_launcher(fns: dict) -> dict:
             if who == "ours"}
 
 
-def measure(device: torch.device, calls: int, rounds: int, jit_rows: bool = False) -> list[dict]:
+def measure(device: torch.device, calls: int, rounds: int, jit_rows: bool = False, progress=None) -> list[dict]:
+    """The rows of every function, best of `rounds` batches; `progress(rows, rounds_done)` after each
+    round, so that a run stopped part-way (a stage's timeout) still leaves the rounds it finished."""
     import dyt_kernels as dk
 
     fns = _cases(device)
@@ -179,7 +182,7 @@ def measure(device: torch.device, calls: int, rounds: int, jit_rows: bool = Fals
         for fn in fns.values():
             for _ in range(20):
                 fn()
-        for _ in range(rounds):   # interleaved, so slow phases of the machine hit every function alike
+        for done in range(1, rounds + 1):   # interleaved, so slow phases of the machine hit every function alike
             for key, fn in fns.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -189,10 +192,20 @@ def measure(device: torch.device, calls: int, rounds: int, jit_rows: bool = Fals
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 best[key] = min(best[key], (time.perf_counter() - t0) / calls * 1e6)
+            if progress is not None:
+                progress(_rows(best), done)
+    return _rows(best)
+
+
+def _rows(best: dict) -> list[dict]:
+    """One row per function timed at least once; vs_eager None while its op's baseline is untimed."""
     rows = []
     for (op, mode, who), us in best.items():
+        if us == float("inf"):
+            continue
         eager = best[(op, mode, EAGER[op])]
-        rows.append({"op": op, "mode": mode, "provider": who, "us_per_call": us, "vs_eager": us / eager})
+        rows.append({"op": op, "mode": mode, "provider": who, "us_per_call": us,
+                     "vs_eager": us / eager if eager != float("inf") else None})
     return rows
 
 
@@ -216,12 +229,6 @@ def run(args: argparse.Namespace) -> dict:
                              "(or use --stub interpreter)")
         from . import stub_driver
         stub_driver.install()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = measure(device, args.calls, args.rounds, jit_rows=stub != "interpreter")
-    finally:
-        torch.set_num_threads(threads)
     env = report.collect_env(device)
     note = {"interpreter": "Triton launches stubbed in the interpreter (CPU): the project's own host path",
             "driver": "Triton's launcher with a stub driver (CPU, kernels compiled for sm_90): all of the host "
@@ -229,11 +236,28 @@ def run(args: argparse.Namespace) -> dict:
             None: "real launches on the GPU (Triton's launcher included)"}[stub]
     section = {"config": {"device": str(device), "calls": args.calls, "rounds": args.rounds, "note": note,
                           "stub": stub},
-               "rows": rows}
-    paths = report.write_section(Path(args.out) if args.out else report.RESULTS_DIR, env, "host", section)
+               "rows": []}
+    out_dir = Path(args.out) if args.out else report.RESULTS_DIR
+
+    def save(rows: list[dict], done: int) -> None:
+        section["rows"], section["rounds_done"] = rows, done
+        report.write_section(out_dir, env, "host", section, render=False)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with stop_on_sigterm():
+            measure(device, args.calls, args.rounds, jit_rows=stub != "interpreter", progress=save)
+    except Stop:
+        section["stopped"] = (f"stopped by SIGTERM (stage timeout) after {section.get('rounds_done', 0)} of "
+                              f"{args.rounds} rounds")
+        print(section["stopped"])
+    finally:
+        torch.set_num_threads(threads)
+    paths = report.write_section(out_dir, env, "host", section)
     print(f"host time per call ({note}):")
-    for r in rows:
-        print(f"  {r['op']:<13} {r['mode']:<8} {r['provider']:<22} {r['us_per_call']:7.1f} us  "
-              f"{r['vs_eager']:.2f}x eager")
+    for r in section["rows"]:
+        ratio = "" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}x eager"
+        print(f"  {r['op']:<13} {r['mode']:<8} {r['provider']:<22} {r['us_per_call']:7.1f} us  {ratio}")
     print(f"wrote {paths['json']}")
     return section

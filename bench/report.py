@@ -309,8 +309,10 @@ def _host_md(sec: dict) -> list[str]:
     cfg = sec.get("config", {})
     lines = ["## Host time per call", "", f"{cfg.get('note', '')}; best of {cfg.get('rounds')} batches of "
              f"{cfg.get('calls')} calls, tiny tensors, one CPU thread.", ""]
-    table = [[r["op"], r["mode"], r["provider"], f"{r['us_per_call']:.1f} µs", f"{r['vs_eager']:.2f}×"]
-             for r in sec.get("rows", [])]
+    if sec.get("stopped"):
+        lines += [f"*{sec['stopped']}: the best of the rounds it finished.*", ""]
+    table = [[r["op"], r["mode"], r["provider"], f"{r['us_per_call']:.1f} µs",
+              "–" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}×"] for r in sec.get("rows", [])]
     return lines + _table(["op", "mode", "who", "per call", "vs eager"], table) + [""]
 
 

@@ -344,6 +344,43 @@ def test_host_bench_on_cpu(tmp_path):
     assert "## Host time per call" in next(tmp_path.glob("*.md")).read_text()
 
 
+def test_host_bench_stopped_by_its_stage_timeout_keeps_the_rounds_it_finished(tmp_path, monkeypatch):
+    """gpu_check gives `bench host` a stage timeout (SIGTERM): the rounds finished before it are written,
+    each row the best of them, and the report says the run was cut short (before, nothing was written)."""
+    import argparse
+    import os
+    import signal
+
+    from bench import host
+    from dyt_kernels.backend import INTERPRETER
+    if not INTERPRETER:
+        pytest.skip("the stubbed-launch measurement needs the interpreter (a GPU run times real launches)")
+    import triton.runtime.interpreter as interp
+    write, sent = host.report.write_section, []
+
+    def write_then_term(*args, **kwargs):   # the stage's timeout arrives right after round 1 is saved
+        paths = write(*args, **kwargs)
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return paths
+    monkeypatch.setattr(host.report, "write_section", write_then_term)
+    previous = signal.getsignal(signal.SIGTERM)
+    run = interp.InterpretedFunction.run
+    try:
+        sec = host.run(argparse.Namespace(calls=2, rounds=50, out=str(tmp_path), device="cpu", stub="interpreter"))
+    finally:
+        interp.InterpretedFunction.run = run
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert sec["stopped"].endswith("after 1 of 50 rounds") and sec["rounds_done"] == 1
+    keys = {(r["op"], r["mode"], r["provider"]) for r in sec["rows"]}
+    assert {(op, mode, who) for op, eager in host.EAGER.items() for mode in ("fwd", "fwd+bwd")
+            for who in ("ours", eager)} <= keys
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["host"]["rows"] == sec["rows"]
+    assert "after 1 of 50 rounds" in next(tmp_path.glob("*.md")).read_text()
+
+
 def test_host_bench_times_the_jit_launcher_beside_direct_launches():
     """On CUDA every "ours" row is timed again with direct launches off, restored after each call."""
     from bench import host
