@@ -669,18 +669,14 @@ def test_float64_is_exact_under_triton_backend(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_is_right_or_refused(backend, device):
-    """Second derivatives (a gradient penalty): the float64 value, or an error that says the
-    backward is not differentiable; never a silently wrong number."""
+def test_double_backward_matches_float64(backend, device):
+    """Second derivatives (a gradient penalty): with create_graph=True the backward takes reference.py's
+    formulas, which autograd differentiates, so the float64 value on either backend."""
     x = torch.randn(3, 5, device=device, requires_grad=True)
     a = torch.tensor([0.7], device=device, requires_grad=True)
-    try:
-        with use_backend(backend):
-            (gx,) = torch.autograd.grad(dyt(x, a).pow(2).sum(), x, create_graph=True)
-            (gga,) = torch.autograd.grad(gx.pow(2).sum(), a)
-    except RuntimeError as e:
-        assert "dyt_kernels" in str(e) and "autograd" in str(e), f"unclear error: {e}"
-        return
+    with use_backend(backend):
+        (gx,) = torch.autograd.grad(dyt(x, a).pow(2).sum(), x, create_graph=True)
+        (gga,) = torch.autograd.grad(gx.pow(2).sum(), a)
     x64, a64 = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
     (gx64,) = torch.autograd.grad(torch.tanh(a64 * x64).pow(2).sum(), x64, create_graph=True)
     (gga64,) = torch.autograd.grad(gx64.pow(2).sum(), a64)
