@@ -13,8 +13,8 @@
 #   2. host        python -m bench host: host time per call with real launches
 #   3. models      python -m bench models --models pixart --step-kinds train: eager, eager-graphs (the
 #                  eager step captured whole in one CUDA graph), compiled (inductor fuses DyT's forward,
-#                  our backward kernel), compiled-kernel (our kernels both ways), reduce-overhead
-#                  (compiled + CUDA graphs); LayerNorm beside each. PixArt-α only: the compiled rows
+#                  our backward kernel), reduce-overhead (compiled + CUDA graphs), compiled-kernel (our
+#                  kernels both ways); LayerNorm beside each. PixArt-α only: the compiled rows
 #                  need most of the budget for their builds (FLUX: a later run, `--models flux`)
 #   4. tests       (above) the rest of the suite
 #   5. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
@@ -172,8 +172,11 @@ fi
 # ----- 2. host, 3. models -----------------------------------------------------------------------------
 stage host "$HOST_S" "$PY" -m bench host --out "$DEST" --rounds 10
 plan "$MODELS_S"
+# reduce-overhead right after compiled: the same graphs (inductor's caches make its build cheaper) under
+# CUDA graphs, which the open work needs before our kernels compiled both ways (compiled-kernel)
 stage models "$MODELS_S" "$PY" -m bench models --models pixart --step-kinds train --out "$DEST" \
-  --budget-s "$(budget_for 25)" ${SMOKE[@]+"${SMOKE[@]}"}
+  --compile eager,eager-graphs,compiled,reduce-overhead,compiled-kernel --budget-s "$(budget_for 25)" \
+  ${SMOKE[@]+"${SMOKE[@]}"}
 
 # ----- 4. the rest of the suite -----------------------------------------------------------------------
 if [ "$CUDA" -eq 1 ]; then
