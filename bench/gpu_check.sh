@@ -5,18 +5,17 @@
 # the working directory) it runs, each stage under its own `timeout` and all within DEADLINE_S:
 #
 #   0. preflight   versions, nvidia-smi, CUDA check; wheels in bench/wheels/ installed offline
-#   1. gpu-tests   the tests that need a GPU first (direct launches, CUDA graphs, devices, tanh forms
-#                  on the hardware, 2^31 elements, the compiled routes on CUDA, dynamic shapes there)
-#      tests       then the rest of python -m pytest tests, on CUDA (TRITON_INTERPRET unset: compiled
-#                  kernels), the kernels' numeric files first. Both stop with SIGINT, so pytest still
-#                  reports what failed before the deadline (CI runs the whole suite on CPU)
+#   1. gpu-tests   the tests that need a GPU (the compiled routes on CUDA first, dynamic shapes there,
+#                  2^31 elements, direct launches, CUDA graphs, devices, tanh forms on the hardware),
+#                  TRITON_INTERPRET unset: compiled kernels. It and stage 4 stop with SIGINT, so pytest
+#                  still reports what failed before the deadline (CI runs the whole suite on CPU)
 #   2. host        python -m bench host: host time per call with real launches
 #   3. models      python -m bench models --models pixart --step-kinds train: eager, eager-graphs (the
 #                  eager step captured whole in one CUDA graph), compiled (inductor fuses DyT's forward,
 #                  our backward kernel), reduce-overhead (compiled + CUDA graphs), compiled-kernel (our
 #                  kernels both ways); LayerNorm beside each. PixArt-α only: the compiled rows
 #                  need most of the budget for their builds (FLUX: a later run, `--models flux`)
-#   4. tests       (above) the rest of the suite
+#   4. tests       the kernels' numeric test files on CUDA, most important first (as time allows)
 #   5. kernels     python -m bench kernels --shapes all --dtypes bf16,fp32, every provider but Liger
 #                  (bf16 first; torch.compile's builds of the compiled baselines take much of it); our
 #                  rows carry the static model's prediction (bench/predictions.json) beside the measurement
@@ -180,18 +179,15 @@ stage models "$MODELS_S" "$PY" -m bench models --models pixart --step-kinds trai
 
 # ----- 4. the rest of the suite -----------------------------------------------------------------------
 if [ "$CUDA" -eq 1 ]; then
-  # The kernels' numerics on the hardware first (its tanh forms are not the interpreter's), then every
-  # other file alphabetically: the stage rarely finishes, so what it reaches should be what matters most.
+  # The kernels' numerics on the hardware (its tanh forms are not the interpreter's) and the paths
+  # around them, most important first. Only these files: the stage cannot finish the whole suite in
+  # its budget, and collecting every file (the ecosystem tests import timm, diffusers and
+  # transformers) took a third of it. CI runs the whole suite on the CPU.
   FIRST=(test_dyt test_modulate test_extremes test_layouts test_neg_views test_autograd test_signature_cache
-         test_modules test_dynamic_shapes test_saved_hooks test_dispatch_modes test_transforms test_subclasses)
+         test_fuzz_differential test_modules test_dynamic_shapes test_saved_hooks test_dispatch_modes
+         test_transforms test_subclasses)
   ORDERED=()
   for f in "${FIRST[@]}"; do [ -f "tests/$f.py" ] && ORDERED+=("tests/$f.py"); done
-  for f in tests/test_*.py; do
-    case " ${ORDERED[*]} ${GPU_FILES[*]} " in
-      *" $f "*) ;;
-      *) ORDERED+=("$f") ;;
-    esac
-  done
   DESELECT=()
   for t in "${GPU_COMPILED[@]}"; do DESELECT+=(--deselect "$t"); done
   STAGE_SIGNAL=INT stage tests "$TESTS_S" "$PY" -m pytest -q -rfE "${ORDERED[@]}" "${DESELECT[@]}"

@@ -43,6 +43,7 @@ from helpers import (FP32_EPS, assert_close_3way, assert_fresh, elementwise_atol
 
 SEED = int(os.environ.get("DYT_FUZZ_SEED", "73219"))
 BACKEND = "triton"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the kernels natively on a GPU (conftest)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # channel sizes: 1, primes, just below / at / above powers of two (the plans' BLOCK_N thresholds)
 CHANNEL_SIZES = [1, 2, 3, 7, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 255, 257]
@@ -100,7 +101,7 @@ def _values(shape, dtype, gen, kind: str, scale: float, center: float):
         v = sign * (0.2 + torch.rand(shape, generator=gen))
     else:
         v = center + scale * torch.randn(shape, generator=gen)
-    return v.to(dtype)
+    return v.to(device=DEVICE, dtype=dtype)   # drawn on the CPU, so a GPU run draws the same values
 
 
 def materialize(shape, layout: tuple, dtype, gen, *, kind: str = "randn", scale: float = 1.0,
@@ -768,7 +769,8 @@ def _alias_run(case: AliasCase, dtype, fn, base: dict):
         outs = fn(**kw)
         outs = outs if isinstance(outs, tuple) else (outs,)
         # drawn in the case's dtype, so every run sees the same upstream values
-        douts = [torch.randn(o.shape, generator=gen).to(DTYPES[case.dtype]).to(dtype) for o in outs]
+        douts = [torch.randn(o.shape, generator=gen).to(DTYPES[case.dtype]).to(device=DEVICE, dtype=dtype)
+                 for o in outs]
         if case.accumulate:
             torch.autograd.backward(outs, douts)
         else:
@@ -796,7 +798,7 @@ def test_aliased_arguments(case):
         v = torch.randn(sizes[kind], generator=gen)
         if kind in ("1",) or k in ("w",):      # alphas and weights around +-0.7 / 1, never ~0
             v = 0.7 + 0.3 * v
-        base[k] = v.to(DTYPES[case.dtype])   # the op's values exactly, so float64 copies are the same numbers
+        base[k] = v.to(device=DEVICE, dtype=DTYPES[case.dtype])   # the op's values exactly, so float64 copies are the same numbers
     dtype = DTYPES[case.dtype]
     snapshot = {k: v.clone() for k, v in base.items()}
     with repro(f"alias case {case} (DYT_FUZZ_SEED={SEED})"):
