@@ -727,6 +727,17 @@ def test_per_module_options_and_filter():
                              module_filter=lambda name, m: False).excluded == ["skip"]
 
 
+def test_weight_init_value_replaces_the_weight_and_keeps_the_bias():
+    """weight_init_value starts the weight at a value instead of the LayerNorm's; the bias is still the
+    LayerNorm's own (the option names the weight only)."""
+    ln = randomize_(nn.LayerNorm(8))
+    bias = ln.bias.detach().clone()
+    model = convert_layernorm_to_dyt(nn.Sequential(ln), weight_init_value=0.25)
+    assert isinstance(model[0], DyT)
+    assert torch.equal(model[0].weight.detach(), torch.full((8,), 0.25))
+    assert torch.equal(model[0].bias.detach(), bias) and not torch.equal(bias, torch.zeros(8))
+
+
 @pytest.mark.parametrize("option,value,match", [
     ("alpha_init_value", "0.5", "alpha_init_value must be a finite number"),
     ("weight_init_value", float("nan"), "weight_init_value must be a finite number"),

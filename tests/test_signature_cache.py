@@ -166,3 +166,19 @@ def test_dyt_channels_first_layouts_through_one_signature(grad, shape):
             for n, g, g64 in zip(("x", "alpha", "weight", "bias"), got, _grads(want, ins64, dy.double())):
                 atol = 1e-5 if n == "x" else 1e-4   # dx is elementwise; the others are the sums above
                 torch.testing.assert_close(g.double(), g64, atol=atol, rtol=1e-5, msg=f"{name}, dy {how}: d{n}")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_the_channels_last_flag_is_part_of_the_signature(grad):
+    """The same tensors with channels_last True, then False, then True again: (2, 8, 8) has C = 8 either
+    way, so every tensor fact matches and only the flag tells the calls apart; a signature that
+    ignored it would walk x by the first call's layout (the rows of the last dim) for the second."""
+    x = torch.randn(2, 8, 8)
+    a, w, b = torch.tensor([0.7]), torch.randn(8), torch.randn(8)
+    leaves = [t.clone().requires_grad_(grad) for t in (x, a, w, b)]
+    ins64 = [t.detach().double() for t in leaves]
+    for channels_last in (True, False, True, False):
+        with use_backend("triton"):
+            y = dyt(*leaves, channels_last=channels_last)
+        want = dyt_formula(*ins64, channels_last=channels_last)
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5, msg=f"channels_last={channels_last}")
