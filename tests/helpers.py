@@ -197,3 +197,29 @@ def run_in_threads(work, args_list) -> None:
             t.join()
     finally:
         sys.setswitchinterval(interval)
+
+
+# dyt_modulate's variants for the per-call tests (launch counts, host reads): residual, gate, per-token
+# modulation, affine, per-channel alpha, and a sequence long enough to split samples across programs.
+MOD_CASES = {
+    "plain": dict(residual=False, gate=False, token=False, affine=False, alpha_c=False),
+    "residual": dict(residual=True, gate=False, token=False, affine=False, alpha_c=False),
+    "residual+gate": dict(residual=True, gate=True, token=False, affine=False, alpha_c=False),
+    "per-token residual+gate affine alphaC": dict(residual=True, gate=True, token=True, affine=True, alpha_c=True),
+    "split samples": dict(residual=True, gate=True, token=False, affine=True, alpha_c=False, L=300),
+}
+
+
+def modulate_case_inputs(case: str, B: int = 2, D: int = 48) -> tuple:
+    """(x, alpha, shift, scale, weight, bias, residual, gate) of MOD_CASES[case], leaves that require
+    grad (absent ones None)."""
+    o = MOD_CASES[case]
+    L = o.get("L", 16)
+    mod_shape = (B, L, D) if o["token"] else (B, D)
+    x = torch.randn(B, L, D, requires_grad=True)
+    shift, scale = (torch.randn(mod_shape, requires_grad=True) for _ in range(2))
+    residual = torch.randn(B, L, D, requires_grad=True) if o["residual"] else None
+    gate = torch.randn(mod_shape, requires_grad=True) if o["gate"] else None
+    alpha = (torch.rand(D if o["alpha_c"] else 1) + 0.2).requires_grad_()
+    w, b = (torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True)) if o["affine"] else (None, None)
+    return x, alpha, shift, scale, w, b, residual, gate

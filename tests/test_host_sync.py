@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dyt_kernels as dk
 from dyt_kernels import dyt, dyt_modulate, functional, use_backend
 from dyt_kernels.backend import INTERPRETER
+from helpers import MOD_CASES, modulate_case_inputs
 
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="watches the eager path on CPU tensors through the interpreter")
 
@@ -145,25 +146,9 @@ def test_dyt_forward_and_backward_read_nothing_on_the_host(case):
         assert _twice(step) == [[], []]
 
 
-MOD_CASES = {
-    "plain": dict(residual=False, gate=False, token=False, affine=False),
-    "residual+gate": dict(residual=True, gate=True, token=False, affine=True),
-    "per-token residual+gate": dict(residual=True, gate=True, token=True, affine=True),
-    "split samples": dict(residual=True, gate=True, token=False, affine=True, L=300),
-}
-
-
 @pytest.mark.parametrize("case", list(MOD_CASES))
 def test_dyt_modulate_forward_and_backward_read_nothing_on_the_host(case):
-    o = MOD_CASES[case]
-    B, L, D = 2, o.get("L", 16), 48
-    mod_shape = (B, L, D) if o["token"] else (B, D)
-    x = torch.randn(B, L, D, requires_grad=True)
-    shift, scale = (torch.randn(mod_shape, requires_grad=True) for _ in range(2))
-    residual = torch.randn(B, L, D, requires_grad=True) if o["residual"] else None
-    gate = torch.randn(mod_shape, requires_grad=True) if o["gate"] else None
-    alpha = (torch.rand(1) + 0.2).requires_grad_()
-    w, b = (torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True)) if o["affine"] else (None, None)
+    x, alpha, shift, scale, w, b, residual, gate = modulate_case_inputs(case)
     inputs = [t for t in (x, alpha, shift, scale, w, b, residual, gate) if t is not None]
 
     def step():

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyt_kernels import dyt, dyt_modulate, functional, use_backend
 from dyt_kernels.backend import INTERPRETER
+from helpers import MOD_CASES, modulate_case_inputs
 
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="counts launches through the Triton interpreter")
 
@@ -107,26 +108,9 @@ def test_dyt_launches(case):
     assert tl_bwd == ["_dyt_bwd_kernel", "_finish_kernel"], tl_bwd
 
 
-MOD_CASES = {
-    "plain": dict(residual=False, gate=False, token=False, affine=False, alpha_c=False),
-    "residual": dict(residual=True, gate=False, token=False, affine=False, alpha_c=False),
-    "residual+gate": dict(residual=True, gate=True, token=False, affine=False, alpha_c=False),
-    "per-token residual+gate affine alphaC": dict(residual=True, gate=True, token=True, affine=True, alpha_c=True),
-    "split samples": dict(residual=True, gate=True, token=False, affine=True, alpha_c=False, L=300),
-}
-
-
 @pytest.mark.parametrize("case", list(MOD_CASES))
 def test_dyt_modulate_launches(case):
-    o = MOD_CASES[case]
-    B, L, D = 2, o.get("L", 16), 48
-    mod_shape = (B, L, D) if o["token"] else (B, D)
-    x = torch.randn(B, L, D, requires_grad=True)
-    shift, scale = (torch.randn(mod_shape, requires_grad=True) for _ in range(2))
-    residual = torch.randn(B, L, D, requires_grad=True) if o["residual"] else None
-    gate = torch.randn(mod_shape, requires_grad=True) if o["gate"] else None
-    alpha = (torch.rand(D if o["alpha_c"] else 1) + 0.2).requires_grad_()
-    w, b = ((torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True)) if o["affine"] else (None, None))
+    x, alpha, shift, scale, w, b, residual, gate = modulate_case_inputs(case)
     inputs = [t for t in (x, alpha, shift, scale, w, b, residual, gate) if t is not None]
     with use_backend("triton"):
         tl_fwd, torch_fwd, out = _count(lambda: dyt_modulate(x, alpha, shift, scale, w, b, residual=residual,
