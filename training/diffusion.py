@@ -51,9 +51,10 @@ def cfg_predict(model, x: Tensor, t: Tensor, cond_uncond: Any, guidance: float) 
 def make_denoiser(model, prompts: list[str], guidance: float) -> Denoiser:
     """``f(x, t)`` for a sampler: the guided prediction for ``prompts``, prompts encoded once.
 
-    Guidance 1 needs no unconditional pass, so it runs the conditional batch alone (half the work).
+    Guidance 1 needs no unconditional pass, so it runs the conditional batch alone (half the work);
+    so does a batch whose every prompt is empty, where cond and uncond are the same prediction.
     """
-    if guidance == 1.0:
+    if guidance == 1.0 or all(p == "" for p in prompts):
         cond = model.encode_prompts(list(prompts))
         return lambda x, t: model(x, t, cond)
     cond_uncond = model.encode_prompts(list(prompts) + [""] * len(prompts))
