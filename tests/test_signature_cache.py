@@ -182,3 +182,12 @@ def test_the_channels_last_flag_is_part_of_the_signature(grad):
             y = dyt(*leaves, channels_last=channels_last)
         want = dyt_formula(*ins64, channels_last=channels_last)
         torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5, msg=f"channels_last={channels_last}")
+        if grad:   # the backward's slot is the signature's too: its gradients against float64's
+            dy = torch.randn_like(y)
+            got = torch.autograd.grad(y, leaves, dy)
+            ins64g = [t.clone().requires_grad_() for t in ins64]
+            want_g = torch.autograd.grad(dyt_formula(*ins64g, channels_last=channels_last), ins64g, dy.double())
+            for n, g, g64 in zip(("x", "alpha", "weight", "bias"), got, want_g):
+                atol = 1e-5 if n == "x" else 1e-4   # dx is elementwise; the others are sums (as above)
+                torch.testing.assert_close(g.double(), g64, atol=atol, rtol=1e-5,
+                                           msg=f"channels_last={channels_last}: d{n}")
