@@ -22,7 +22,7 @@ setup(
         # capped at the releases those tests were written against; onnx, onnxscript and onnxruntime run
         # the ONNX export tests (torch.onnx.export of converted models, checked in onnxruntime); peft and
         # accelerate, the LoRA and offloading tests of converted diffusers models.
-        "dev": ["pytest>=8", "scipy", "timm<=1.0.31", "diffusers<=0.42.1", "transformers<=5.24.0", "safetensors",
+        "dev": ["pytest>=8", "scipy", "timm<=1.0.31", "diffusers<=0.42.1", "transformers<=5.25.0", "safetensors",
                 "onnx<=1.23.2", "onnxscript<=0.7.2", "onnxruntime<=1.32.0", "peft<=0.21.2", "accelerate<=1.16.0"]
         + TRAIN,
     },

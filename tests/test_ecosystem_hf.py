@@ -406,7 +406,8 @@ _LM = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attent
 
 def _hf_models():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.mamba2.modeling_mamba2 import Mamba2RMSNorm, MambaRMSNormGated
+    from transformers.models.mamba2 import modeling_mamba2
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2RMSNorm
     from transformers.models.mistral.modeling_mistral import MistralRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
@@ -417,6 +418,8 @@ def _hf_models():
                                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
                                max_source_positions=8, max_target_positions=8, vocab_size=50, pad_token_id=0,
                                bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    # the gated norm's class: MambaRMSNormGated up to transformers 5.24, Mamba2RMSNormGated from 5.25
+    gated = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
     mamba2 = tf.Mamba2Config(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=50, expand=2,
                              conv_kernel=2, num_heads=4, head_dim=8, n_groups=1)
     # name: (build, inputs, converted classes -> dim, classes left alone, expected conversion count)
@@ -431,7 +434,7 @@ def _hf_models():
         "clip_vision": (lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**vision)), _pixels, {nn.LayerNorm: -1}, (), 4),
         "whisper_encoder": (lambda: tf.WhisperModel(whisper).get_encoder(),
                             lambda: {"input_features": torch.randn(2, 8, 16)}, {nn.LayerNorm: -1}, (), 3),
-        "mamba2": (lambda: tf.Mamba2Model(mamba2), _ids, {Mamba2RMSNorm: -1}, (MambaRMSNormGated,), 2),
+        "mamba2": (lambda: tf.Mamba2Model(mamba2), _ids, {Mamba2RMSNorm: -1}, (gated,), 2),
     }
 
 

@@ -1,7 +1,8 @@
 """Converted library models with their own gradient-checkpointing switch on, on the Triton backend.
 
 timm's set_grad_checkpointing, diffusers' enable_gradient_checkpointing and transformers'
-gradient_checkpointing_enable rerun each block's forward inside backward (reentrant or not, as each
+gradient_checkpointing_enable (activation_checkpointing_enable in recent releases, which can also
+offload what each block saves to the host) rerun each block's forward inside backward (reentrant or not, as each
 library chooses), with our kernels and, for diffusers, the fused adaLN forwards inside. The gradients
 must be those of the same model without checkpointing: the recompute runs the same kernels on the same
 inputs, so they agree to the bit, and a recompute that read a stale launch plan, a cached buffer or a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import warnings
 
 import pytest
@@ -28,12 +30,17 @@ pytestmark = pytest.mark.skipif(not INTERPRETER, reason="runs the kernels on CPU
 FUSED = {"pixart", "dit", "flux"}
 
 
-def _enable(name, model):
+def _enable(name, model, offload=False):
     if name.startswith("timm"):
         model.set_grad_checkpointing(True)
     elif name in FUSED:
         model.enable_gradient_checkpointing()
+    elif hasattr(model, "activation_checkpointing_enable"):   # the new name; the old one warns
+        kwargs = {"offload": True} if offload else {}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": name == "bert"},
+                                              **kwargs)
     else:
+        assert not offload
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": name == "bert"})
 
 
@@ -79,6 +86,23 @@ def test_library_gradient_checkpointing_gives_the_same_gradients(name):
     plain = _grads(model, inputs)
     checkpointed = copy.deepcopy(model)
     _enable(name, checkpointed)
+    _same(plain, _grads(checkpointed, inputs))
+
+
+def test_transformers_offloaded_checkpointing_gives_the_same_gradients():
+    """transformers' activation_checkpointing_enable(offload=True) runs each checkpointed block under
+    save_on_cpu: saved-tensor hooks around the checkpoint, so our Functions' forwards run with hooks
+    active (no backward slot: autograd._backward_slot) and the recompute under them. On a CPU the hooks
+    keep the tensors themselves; on a GPU they copy them to the host and back dense, which
+    test_saved_hooks checks on a CPU with hooks that do the same (clone, relayout)."""
+    from transformers import PreTrainedModel
+    if "offload" not in inspect.signature(getattr(PreTrainedModel, "activation_checkpointing_enable",
+                                                  lambda self: None)).parameters:
+        pytest.skip("this transformers has no activation offloading (activation_checkpointing_enable)")
+    model, inputs = _model("llama")
+    plain = _grads(model, inputs)
+    checkpointed = copy.deepcopy(model)
+    _enable("llama", checkpointed, offload=True)
     _same(plain, _grads(checkpointed, inputs))
 
 

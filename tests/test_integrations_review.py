@@ -78,7 +78,7 @@ def test_fused_forward_broadcasts_a_conditioning_of_batch_one(name):
 # --------------------------------------------------------------------------------------------------
 
 class GatedRMSNorm(torch.nn.Module):
-    """Mamba-2's gated RMSNorm (transformers' MambaRMSNormGated, Zamba2RMSNormGated, ... with one
+    """Mamba-2's gated RMSNorm (transformers' Mamba2RMSNormGated, Zamba2RMSNormGated, ... with one
     group): RMSNorm of x * silu(gate); with gate=None, a plain RMSNorm."""
 
     def __init__(self, hidden_size, eps=1e-6):
