@@ -93,3 +93,24 @@ def pytest_sessionstart(session):
                     f"numpy < 2.4 for the CPU kernel tests", returncode=3)
     if out.item() != 3.0:
         pytest.exit(f"the Triton interpreter counted {out.item()} iterations of range(3)", returncode=3)
+
+
+@pytest.fixture
+def launches_keep_their_signature(monkeypatch):
+    """Every direct.launch call checked against the others that use the same runners: a runner calls
+    the kernel compiled for its first call's pointer dtypes (Triton specializes on them, beside the
+    integers and the alignment direct.py keys and checks), so one runner dict (per integer tuple,
+    where the configuration does not fix them) must only ever see one tuple of argument dtypes.
+    Under the interpreter the kernels read every dtype as it comes; on a GPU a runner handed another
+    would read or write the wrong bytes. The eager slots and finishing launches call direct.launch on
+    any device, so this is checked on the CPU too."""
+    from dyt_kernels.ops import direct
+    seen, real = {}, direct.launch
+
+    def launch(kernel, grid, consts, options, cache, args, inputs=(), integers=None):
+        facts = tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args)
+        first = seen.setdefault((id(cache), integers), (cache, facts))[1]   # (the dict kept alive: its id stays its)
+        assert facts == first, f"one runner, two argument signatures:\n{first}\n{facts}"
+        return real(kernel, grid, consts, options, cache, args, inputs, integers)
+    monkeypatch.setattr(direct, "launch", launch)
+    return seen

@@ -41,6 +41,9 @@ from float64_checks import (_modulate_atols, check_dyt, check_modulate, dyt_form
 from helpers import (FP32_EPS, assert_close_3way, assert_fresh, elementwise_atol, eps, max_abs, max_abs_err,
                      poisoned_empty, tanh_abs_err)
 
+# (conftest.py) no runner ever handed two sets of argument dtypes
+pytestmark = pytest.mark.usefixtures("launches_keep_their_signature")
+
 SEED = int(os.environ.get("DYT_FUZZ_SEED", "73219"))
 BACKEND = "triton"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the kernels natively on a GPU (conftest)

@@ -17,7 +17,7 @@ from float64_checks import dyt_formula, modulate_formula, repro
 from helpers import signature_guards
 
 
-pytestmark = pytest.mark.usefixtures("on_device")
+pytestmark = pytest.mark.usefixtures("on_device", "launches_keep_their_signature")
 
 @pytest.fixture(autouse=True, params=["torch", "python"], ids=["TensorGuards", "PyGuards"])
 def _guards(request):

@@ -17,6 +17,10 @@ from dyt_kernels import dyt, dyt_modulate, use_backend
 from float64_checks import dyt_formula, modulate_formula
 
 
+# (conftest.py) no runner ever handed two sets of argument dtypes
+pytestmark = pytest.mark.usefixtures("launches_keep_their_signature")
+
+
 def _relayout(t):
     """The same values in another memory layout (x's batch dim outermost in storage no more)."""
     return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() == 3 else t.clone()

@@ -19,7 +19,7 @@ from float64_checks import dyt_formula, modulate_formula
 from helpers import signature_guards
 
 
-pytestmark = pytest.mark.usefixtures("on_device")
+pytestmark = pytest.mark.usefixtures("on_device", "launches_keep_their_signature")
 
 @pytest.fixture(autouse=True, params=["torch", "python"], ids=["TensorGuards", "PyGuards"])
 def _guards(request):
@@ -191,3 +191,60 @@ def test_the_channels_last_flag_is_part_of_the_signature(grad):
                 atol = 1e-5 if n == "x" else 1e-4   # dx is elementwise; the others are sums (as above)
                 torch.testing.assert_close(g.double(), g64, atol=atol, rtol=1e-5,
                                            msg=f"channels_last={channels_last}: d{n}")
+
+
+def _grads64(formula, leaves, out_grads, **kw):
+    ins64 = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+    outs = formula(*ins64, **kw)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return torch.autograd.grad(outs, [t for t in ins64 if t is not None], [g.double() for g in out_grads])
+
+
+@pytest.mark.parametrize("changed", ["weight", "bias", "alpha"])
+def test_a_parameter_given_another_dtype_between_forward_and_backward(changed):
+    """`module.half()` or `param.data = param.data.half()` between a forward and its backward: the
+    parameter the backward sees has another dtype than the one the forward's signature holds (dbias
+    is allocated from bias itself, which the Function keeps by reference). The backward must not take
+    the signature's cached launches, whose kernels were compiled for the forward's dtypes; autograd
+    casts each gradient back to the dtype its input had in the forward."""
+    x, a, w, b = torch.randn(3, 5, 16), torch.tensor([0.7]), torch.randn(16), torch.randn(16)
+    leaves = [t.clone().requires_grad_() for t in (x, a, w, b)]
+    for step in range(3):   # the first calls fill the signature's slots, the last one changes a dtype
+        with use_backend("triton"):
+            y = dyt(*leaves)
+        want = _grads64(dyt_formula, leaves, [dy := torch.randn_like(y)])
+        names = ("x", "alpha", "weight", "bias")
+        if step == 2:
+            leaves[names.index(changed)].data = leaves[names.index(changed)].data.to(torch.float16)
+        # (a leaf given another dtype gets a new gradient accumulator, so the graph no longer reaches
+        # it; the backward still computes its gradient, with the kernels, as ctx.needs_input_grad asks)
+        kept = [i for i, n in enumerate(names) if step < 2 or n != changed]
+        got = torch.autograd.grad(y, [leaves[i] for i in kept], dy)
+        for i, g in zip(kept, got):
+            assert g.dtype == torch.float32, names[i]
+            # the changed parameter's values were rounded to fp16: dx and dalpha read weight's
+            torch.testing.assert_close(g.double(), want[i], atol=2e-2 if step == 2 else 1e-4, rtol=1e-3,
+                                       msg=f"step {step}, {changed} changed: d{names[i]}")
+
+
+def test_a_modulation_given_another_dtype_between_forward_and_backward():
+    """As above for dyt_modulate's per-sample shift (its gradient, written by the kernels, is allocated
+    in shift's dtype at the backward) and its bias."""
+    x, a, w, b = torch.randn(3, 5, 16), torch.tensor([0.7]), torch.randn(16), torch.randn(16)
+    shift, scale, gate, res = torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 5, 16)
+    names = ("x", "alpha", "shift", "scale", "weight", "bias", "residual", "gate")
+    for changed in ("shift", "bias", "scale"):
+        leaves = [t.clone().requires_grad_() for t in (x, a, shift, scale, w, b, res, gate)]
+        for step in range(3):
+            with use_backend("triton"):
+                h, r = dyt_modulate(*leaves[:6], residual=leaves[6], gate=leaves[7])
+            douts = [torch.randn_like(h), torch.randn_like(r)]
+            want = _grads64(modulate_formula, leaves, douts)
+            if step == 2:
+                leaves[names.index(changed)].data = leaves[names.index(changed)].data.to(torch.float16)
+            kept = [i for i, n in enumerate(names) if step < 2 or n != changed]
+            got = torch.autograd.grad((h, r), [leaves[i] for i in kept], douts)
+            for i, g in zip(kept, got):
+                assert g.dtype == torch.float32, names[i]
+                torch.testing.assert_close(g.double(), want[i], atol=5e-2 if step == 2 else 1e-4, rtol=1e-3,
+                                           msg=f"step {step}, {changed} changed: d{names[i]}")

@@ -14,6 +14,10 @@ from float64_checks import dyt_formula
 from helpers import signature_guards
 
 
+# (conftest.py) no runner ever handed two sets of argument dtypes
+pytestmark = pytest.mark.usefixtures("launches_keep_their_signature")
+
+
 def _variants():
     """Tensors of one shape, or near it, differing in one fact at a time from the first."""
     base = torch.randn(4, 6)

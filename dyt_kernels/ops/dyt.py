@@ -556,7 +556,7 @@ def forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
     P.run(cfg.plan.spec.kernel, cfg, launch, x2, y2, alpha, x2 if weight is None else weight,
           x2 if bias is None else bias, M, N, C, sx, y2.stride(0), *levels)
     if slot is not None and launch is None and not wide:
-        slot[2] = in_place(x, x2, sx, levels, y, y2, M, N, C, cfg, _saved(x, alpha, weight))
+        slot[2] = in_place(x, x2, sx, levels, y, y2, M, N, C, cfg, _saved(x, alpha, weight, bias))
     return y
 
 
@@ -573,15 +573,18 @@ class InPlace:
     forward: tuple
     backward_ints: tuple   # after the backward's six pointers: M, N, C, stride_dym, stride_xm, stride_dxm
     levels: tuple
-    saved: tuple   # x's strides, its dtype, alpha's and weight's: the saved tensors the walk is for
+    saved: tuple   # x's strides, its dtype, alpha's, weight's and bias's: what the walk is for (_saved)
     y_strides: tuple
     keep: bool
     backward_runners: dict = field(default_factory=dict, compare=False)
 
 
-def _saved(x: Tensor, alpha: Tensor, weight: Tensor | None) -> tuple:
-    """What a backward's launch assumes of the saved tensors: x's strides and the dtypes it reads."""
-    return x.stride(), x.dtype, alpha.dtype, None if weight is None else weight.dtype
+def _saved(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple:
+    """What a backward's launch assumes of the saved tensors: x's strides and the dtypes it reads, and
+    bias's, which dbias is written in (the Function keeps bias by reference: `param.data = ...half()`
+    or `module.half()` between the forward and the backward changes it under the graph)."""
+    return (x.stride(), x.dtype, alpha.dtype, None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype)
 
 
 def in_place(x: Tensor, x2: Tensor, sx: int, levels: tuple, y: Tensor, y2: Tensor, M: int, N: int,
@@ -606,7 +609,7 @@ def backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: 
     if x.dtype != dy.dtype:   # a saved-tensor hook unpacked x in another dtype than the forward's (y's, dy's)
         x = x.to(dy.dtype)
     rows = None if slot is None else slot[2]
-    saved = None if rows is None else _saved(x, alpha, weight)
+    saved = None if rows is None else _saved(x, alpha, weight, bias)
     if (rows is not None and slot[1] is not None and saved == rows.saved and dy.stride() == rows.y_strides
             and alpha.is_contiguous() and (weight is None or weight.is_contiguous())):
         # A validated signature whose x the forward read in place (forward's InPlace), x and dy laid

@@ -636,13 +636,15 @@ def forward(x: Tensor, alpha: Tensor, shift: Tensor, scale: Tensor, weight: Tens
     return h, r
 
 
-def _layout(x, r, alpha, scale, weight, bias, gate) -> tuple:
+def _layout(x, r, alpha, shift, scale, weight, bias, gate) -> tuple:
     """What a cached backward call assumes of the saved tensors, to check it against what autograd
     unpacks: x's, r's, scale's and gate's strides are in its integer arguments, the vectors are read
-    at unit stride, and the kernel reads each in its dtype (a saved-tensor hook may unpack another)."""
+    at unit stride, and the kernel reads each in its dtype (a saved-tensor hook may unpack another);
+    it writes dshift in shift's (`shift.data = ...half()` between the forward and the backward
+    changes that under the graph: the saved tensor is the same object)."""
     return (x.stride(), r.stride(), alpha.is_contiguous(), weight is None or weight.is_contiguous(),
             bias is None or bias.is_contiguous(), scale.stride(), None if gate is None else gate.stride(),
-            x.dtype, r.dtype, alpha.dtype, scale.dtype, None if weight is None else weight.dtype,
+            x.dtype, r.dtype, alpha.dtype, shift.dtype, scale.dtype, None if weight is None else weight.dtype,
             None if bias is None else bias.dtype, None if gate is None else gate.dtype)
 
 
@@ -668,7 +670,7 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
     call = None
     if slot is not None and launch is None and dh.is_contiguous() and (dr is None or dr.is_contiguous()):
         call = slot[1].get(dr is not None)
-        if call is not None and call[6] != _layout(x, r, alpha, scale, weight, bias, gate):
+        if call is not None and call[6] != _layout(x, r, alpha, shift, scale, weight, bias, gate):
             # a saved-tensor hook registered on one tensor after the forward
             # (grad_fn._raw_saved_tensors[i].register_hooks) unpacked another layout than the call's
             call = None
@@ -716,7 +718,7 @@ def backward(dh: Tensor, dr: Tensor | None, x: Tensor, r: Tensor, alpha: Tensor,
         contiguous = dh.is_contiguous() and (dr is None or dr.is_contiguous())
         if slot is not None and slot[2] and launch is None and contiguous and not wide:
             slot[1][dr is not None] = (cfg, shift_tok, scale_tok, gate_tok, write_dx, ints,
-                                       _layout(x, r, alpha, scale, weight, bias, gate), {})   # own runners
+                                       _layout(x, r, alpha, shift, scale, weight, bias, gate), {})   # own runners
     part = torch.empty(3 * (p.sample_stride + p.channel_stride), dtype=torch.float32, device=dev)
     args = (dh2, dr2, r2, x2, x2 if gate_t is None else gate_t, scale_t, alpha,
             x2 if weight is None else weight, x2 if bias is None else bias,
