@@ -2,8 +2,8 @@
 
 timm's set_grad_checkpointing, diffusers' enable_gradient_checkpointing and transformers'
 gradient_checkpointing_enable (activation_checkpointing_enable in recent releases, which can also
-offload what each block saves to the host) rerun each block's forward inside backward (reentrant or not, as each
-library chooses), with our kernels and, for diffusers, the fused adaLN forwards inside. The gradients
+offload what each block saves to the host) rerun each block's forward inside backward (reentrant or
+not, as each library chooses), with our kernels and, for diffusers, the fused adaLN forwards inside. The gradients
 must be those of the same model without checkpointing: the recompute runs the same kernels on the same
 inputs, so they agree to the bit, and a recompute that read a stale launch plan, a cached buffer or a
 wrong saved tensor would show at once. A selective-checkpoint policy around the whole model is checked
